@@ -1,0 +1,254 @@
+"""Datasets as Hugging Face ``datasets`` on disk, and batches for the models.
+
+A built dataset is a ``DatasetDict`` with ``train`` and ``test`` splits and two
+columns: ``image``, uint8 (C, H, W), and ``label`` (``ClassLabel``). The
+per-channel mean/std of the training images are stored beside it in
+``stats.json`` and used to normalise model inputs.
+
+Sources (``build_dataset(source=...)``):
+
+* ``fashion_mnist``: the Debian package ``dataset-fashion-mnist`` (IDX files,
+  offline), else the Hugging Face hub (``zalando-datasets/fashion_mnist``).
+* ``imagefolder``: a local ``split/class/image`` tree (``path``).
+* ``hub``: a hub dataset id (``hub_id``) with an image and a label column.
+
+Nothing is read or downloaded at import time.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+SOURCES = ("fashion_mnist", "imagefolder", "hub")
+
+
+class DataSourceError(RuntimeError):
+    """No source could provide the requested data."""
+
+
+# -- reading sources ---------------------------------------------------------
+def read_idx(path: Path) -> np.ndarray:
+    """Read a (gzipped) IDX file of unsigned bytes into a numpy array."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _fashion_mnist_arrays(root: Path = FASHION_MNIST_DIR) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{split: (images (n, 1, 28, 28) uint8, labels (n,))} from the Debian package or the hub."""
+    files = {s: (root / f"{p}-images-idx3-ubyte.gz", root / f"{p}-labels-idx1-ubyte.gz") for s, p in
+             (("train", "train"), ("test", "t10k"))}
+    if all(f.exists() for pair in files.values() for f in pair):
+        return {s: (read_idx(i)[:, None], read_idx(l).astype(np.int64)) for s, (i, l) in files.items()}
+    try:
+        import datasets
+
+        hub = datasets.load_dataset(FASHION_MNIST_HUB)
+    except Exception as err:  # offline, hub down, no such id...
+        raise DataSourceError(
+            f"Fashion-MNIST not found in {root} and the hub ({FASHION_MNIST_HUB}) failed: {err}.\n"
+            "Install it offline with: sudo apt-get install -y dataset-fashion-mnist"
+        ) from err
+    return {
+        s: (np.stack([np.asarray(im, dtype=np.uint8) for im in hub[s]["image"]])[:, None], np.asarray(hub[s]["label"]))
+        for s in ("train", "test")
+    }
+
+
+def _load_pil(image, image_size: int, resize: int | None, channels: int) -> np.ndarray:
+    """Resize the shorter side to ``resize`` (bicubic), centre-crop ``image_size``; uint8 (C, H, W)."""
+    from PIL import Image
+
+    image = image.convert("L" if channels == 1 else "RGB")
+    resize = resize or image_size
+    w, h = image.size
+    scale = resize / min(w, h)
+    image = image.resize((max(resize, round(w * scale)), max(resize, round(h * scale))), Image.BICUBIC)
+    w, h = image.size
+    left, top = (w - image_size) // 2, (h - image_size) // 2
+    array = np.asarray(image.crop((left, top, left + image_size, top + image_size)), dtype=np.uint8)
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+def _image_dataset_arrays(ds_dict, image_size: int, resize: int | None, channels: int, image_column="image",
+                          label_column="label") -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+    from tqdm.auto import tqdm
+
+    names = ds_dict[next(iter(ds_dict))].features[label_column].names
+    out = {}
+    for split, ds in ds_dict.items():
+        images = np.stack([_load_pil(im, image_size, resize, channels)
+                           for im in tqdm(ds[image_column], desc=f"preprocess {split}")])
+        out[split] = (images, np.asarray(ds[label_column], dtype=np.int64))
+    return out, names
+
+
+# -- building ----------------------------------------------------------------
+def build_dataset(
+    out_dir: str | Path,
+    source: str = "fashion_mnist",
+    *,
+    path: str | None = None,
+    hub_id: str | None = None,
+    image_size: int = 28,
+    resize: int | None = None,
+    channels: int = 1,
+    train_size: int | None = None,
+    test_size: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """Materialise a dataset once as a ``datasets.DatasetDict`` on disk (atomic).
+
+    Args:
+        out_dir: where the DatasetDict and ``stats.json`` are written.
+        source: one of ``SOURCES``.
+        path: ImageFolder root with ``train/`` and a ``val/`` or ``test/`` split (``imagefolder``).
+        hub_id: hub dataset id (``hub``).
+        image_size, resize, channels: preprocessing of ``imagefolder``/``hub`` images.
+        train_size, test_size: optional seeded random subsets (None = all).
+    """
+    import datasets
+
+    if source not in SOURCES:
+        raise ValueError(f"unknown data source {source!r}; valid choices: {', '.join(SOURCES)}")
+    if source == "fashion_mnist":
+        arrays, names = _fashion_mnist_arrays(), list(FASHION_MNIST_CLASSES)
+    elif source == "imagefolder":
+        if not path or not Path(path).is_dir():
+            raise DataSourceError(f"imagefolder source needs an existing directory in 'path', got {path!r}")
+        raw = datasets.load_dataset("imagefolder", data_dir=path)
+        arrays, names = _image_dataset_arrays(raw, image_size, resize, channels)
+    else:
+        if not hub_id:
+            raise ValueError("hub source needs 'hub_id' (e.g. 'zalando-datasets/fashion_mnist')")
+        try:
+            raw = datasets.load_dataset(hub_id)
+        except Exception as err:
+            raise DataSourceError(f"could not load {hub_id!r} from the hub: {err}") from err
+        arrays, names = _image_dataset_arrays(raw, image_size, resize, channels)
+    arrays = {("test" if s in ("val", "validation") else s): v for s, v in arrays.items()}
+    missing = {"train", "test"} - set(arrays)
+    if missing:
+        raise DataSourceError(f"the source has splits {sorted(arrays)}; missing {sorted(missing)}")
+
+    rng = np.random.default_rng(seed)
+    sizes = {"train": train_size, "test": test_size}
+    splits = {}
+    for split in ("train", "test"):
+        images, labels = arrays[split]
+        if sizes[split] is not None and sizes[split] < len(labels):
+            keep = np.sort(rng.permutation(len(labels))[: sizes[split]])
+            images, labels = images[keep], labels[keep]
+        features = datasets.Features({
+            "image": datasets.Array3D(shape=images.shape[1:], dtype="uint8"),
+            "label": datasets.ClassLabel(names=names),
+        })
+        splits[split] = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+    train = arrays_to_float(splits["train"])
+    stats = {
+        "mean": train.mean(dim=(0, 2, 3)).tolist(),
+        "std": train.std(dim=(0, 2, 3)).tolist(),
+        "classes": names,
+        "sizes": {s: len(d) for s, d in splits.items()},
+        "image_shape": list(arrays["train"][0].shape[1:]),
+    }
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    datasets.DatasetDict(splits).save_to_disk(str(tmp))
+    (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def arrays_to_float(ds) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(ds.with_format("numpy")["image"]), dtype=torch.float32) / 255
+
+
+# -- using -------------------------------------------------------------------
+@dataclass
+class Split:
+    """One split in memory: uint8 images (n, C, H, W), labels (n,), normalisation stats.
+
+    ``batches`` yields model-ready float tensors, normalised with the training
+    mean/std, in dataset order.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.images.shape[-2:])
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (b, C, H, W) -> normalised float32."""
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        return (images.float() / 255 - mean) / std
+
+    def subset(self, indices) -> "Split":
+        indices = torch.as_tensor(indices)
+        return Split(self.images[indices], self.labels[indices], self.mean, self.std, self.classes)
+
+    def head(self, n: int | None) -> "Split":
+        """The first n images (all if n is None)."""
+        return self if n is None or n >= len(self) else self.subset(torch.arange(n))
+
+    def batches(self, batch_size: int, device=None) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+        """Yield (slice into the split, normalised images, labels) in order."""
+        for start in range(0, len(self), batch_size):
+            sl = slice(start, min(start + batch_size, len(self)))
+            yield sl, self.normalise(self.images[sl].to(device)), self.labels[sl].to(device)
+
+
+def load_split(data_dir: str | Path, split: str) -> Split:
+    """Load one split of a dataset written by :func:`build_dataset` into memory."""
+    import datasets
+
+    data_dir = Path(data_dir)
+    if not (data_dir / "stats.json").exists():
+        raise FileNotFoundError(f"no dataset at {data_dir}; build it first (the data stage: dvc repro data)")
+    ds_dict = datasets.load_from_disk(str(data_dir))
+    if split not in ds_dict:
+        raise ValueError(f"unknown split {split!r}; valid choices: {', '.join(ds_dict)}")
+    stats = json.loads((data_dir / "stats.json").read_text())
+    ds = ds_dict[split].with_format("numpy")
+    return Split(
+        images=torch.from_numpy(np.ascontiguousarray(ds["image"])),
+        labels=torch.from_numpy(np.asarray(ds["label"], dtype=np.int64)),
+        mean=tuple(stats["mean"]),
+        std=tuple(stats["std"]),
+        classes=tuple(stats["classes"]),
+    )

@@ -1,0 +1,139 @@
+"""Top-1 and kNN accuracy of SPoT models under a prior and token budget, and sweeps.
+
+kNN protocol (DINO-style): pooled pre-logit features of a frozen model,
+L2-normalised, cosine similarity, the k nearest bank features vote with weight
+exp(sim / T). The bank is a training split embedded under the *same* prior and
+token budget as the queries.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import Split
+from .oracle import frozen
+from .priors import USES_EXTERNAL_MODEL, sample_positions
+from .vit import SPoTViT
+
+
+def draw_positions(
+    prior: str, split: Split, num_tokens: int, model: SPoTViT, seed: int = 0, saliency: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Positions (n, N, 2) for every image of ``split``, independent of batch size."""
+    return sample_positions(
+        prior, len(split), num_tokens, seed=seed, image_size=split.image_size,
+        grid_size=model.grid_size, saliency=saliency,
+    )
+
+
+@torch.no_grad()
+def embed(
+    model: SPoTViT, split: Split, positions: torch.Tensor, batch_size: int = 256, device=None, desc: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (n, K) and pooled features (n, D) of ``split`` at ``positions`` (n, N, 2)."""
+    logits, feats = [], []
+    with frozen(model):
+        batches = split.batches(batch_size, device)
+        for sl, images, _ in tqdm(batches, total=-(-len(split) // batch_size), desc=desc, leave=False, disable=desc is None):
+            tokens = model.forward_features(images, positions[sl].to(images.device))
+            pooled = model.model.forward_head(tokens, pre_logits=True)
+            feats.append(pooled.float().cpu())
+            logits.append(model.model.head(pooled).float().cpu())
+    return torch.cat(logits), torch.cat(feats)
+
+
+def knn_predict(
+    bank_features: torch.Tensor,
+    bank_labels: torch.Tensor,
+    query_features: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Weighted kNN labels (q,) for query features (q, D) against a bank (n, D), labels (n,)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if bank_features.shape[0] != bank_labels.shape[0]:
+        raise ValueError("bank_features and bank_labels hold different numbers of samples")
+    k = min(k, bank_features.shape[0])
+    bank = F.normalize(bank_features.float(), dim=1)
+    preds = []
+    for start in range(0, query_features.shape[0], chunk):
+        query = F.normalize(query_features[start : start + chunk].float(), dim=1)
+        sim, idx = (query @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(query.shape[0], num_classes).scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
+        preds.append(votes.argmax(1))
+    return torch.cat(preds)
+
+
+def evaluate(
+    model: SPoTViT,
+    test: Split,
+    bank: Split | None,
+    prior: str,
+    num_tokens: int,
+    *,
+    seed: int = 0,
+    k: int = 20,
+    temperature: float = 0.07,
+    batch_size: int = 256,
+    device=None,
+    saliency_test: torch.Tensor | None = None,
+    saliency_bank: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """{"acc1": %, "knn": %} of ``model`` on ``test`` with ``num_tokens`` tokens from ``prior``.
+
+    ``positions`` (n, N, 2) overrides the prior for the test split (e.g. oracle
+    positions); the kNN bank always uses the prior. ``bank=None`` skips kNN.
+    """
+    if positions is None:
+        positions = draw_positions(prior, test, num_tokens, model, seed, saliency_test)
+    logits, feats = embed(model, test, positions, batch_size, device)
+    result = {"acc1": 100 * (logits.argmax(1) == test.labels).float().mean().item()}
+    if bank is not None:
+        bank_positions = draw_positions(prior, bank, num_tokens, model, seed + 1, saliency_bank)
+        _, bank_feats = embed(model, bank, bank_positions, batch_size, device)
+        preds = knn_predict(bank_feats, bank.labels, feats, len(test.classes), k, temperature)
+        result["knn"] = 100 * (preds == test.labels).float().mean().item()
+    return result
+
+
+def sweep(
+    models: Mapping[str, SPoTViT],
+    priors: Mapping[str, Sequence[str]],
+    budgets: Sequence[int],
+    test: Split,
+    bank: Split | None,
+    *,
+    backbone: str = "",
+    saliency: Mapping[str, torch.Tensor] | None = None,
+    **kwargs,
+) -> pd.DataFrame:
+    """Evaluate each model with each of its priors at each budget.
+
+    Args:
+        models: {model name: SPoT view}.
+        priors: {model name: prior names to evaluate it with}.
+        budgets: token counts N.
+        saliency: {"test": (n, H, W), "bank": (m, H, W)} maps for the salient prior.
+        kwargs: passed to :func:`evaluate` (seed, k, temperature, batch_size, device).
+
+    Returns:
+        Tidy DataFrame with columns backbone, model, prior, oracle, tokens, metric, value (%).
+    """
+    saliency = saliency or {}
+    runs = [(m, p, n) for m in models for p in priors[m] for n in budgets]
+    rows = []
+    for model_name, prior, n in tqdm(runs, desc=f"sweep {backbone}".strip()):
+        sal = {"saliency_test": saliency.get("test"), "saliency_bank": saliency.get("bank")} if prior == "salient" else {}
+        for metric, value in evaluate(models[model_name], test, bank, prior, n, **sal, **kwargs).items():
+            rows.append(dict(backbone=backbone, model=model_name, prior=prior,
+                             oracle=prior in USES_EXTERNAL_MODEL, tokens=n, metric=metric, value=value))
+    return pd.DataFrame(rows)
