@@ -182,8 +182,13 @@ def build_dataset(
     return out_dir
 
 
+def _columns(ds) -> dict[str, np.ndarray]:
+    """All rows of a ``datasets.Dataset`` as numpy arrays (one batched read, dtypes kept)."""
+    return ds.with_format("numpy")[:]
+
+
 def arrays_to_float(ds) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(ds.with_format("numpy")["image"]), dtype=torch.float32) / 255
+    return torch.as_tensor(_columns(ds)["image"], dtype=torch.float32) / 255
 
 
 # -- using -------------------------------------------------------------------
@@ -244,10 +249,10 @@ def load_split(data_dir: str | Path, split: str) -> Split:
     if split not in ds_dict:
         raise ValueError(f"unknown split {split!r}; valid choices: {', '.join(ds_dict)}")
     stats = json.loads((data_dir / "stats.json").read_text())
-    ds = ds_dict[split].with_format("numpy")
+    columns = _columns(ds_dict[split])
     return Split(
-        images=torch.from_numpy(np.ascontiguousarray(ds["image"])),
-        labels=torch.from_numpy(np.asarray(ds["label"], dtype=np.int64)),
+        images=torch.from_numpy(np.ascontiguousarray(columns["image"], dtype=np.uint8)),
+        labels=torch.from_numpy(np.asarray(columns["label"], dtype=np.int64)),
         mean=tuple(stats["mean"]),
         std=tuple(stats["std"]),
         classes=tuple(stats["classes"]),

@@ -70,6 +70,7 @@ def spot_on(
     steps: int = 50,
     lr: float = 3e-3,
     weight_decay: float = 0.0,
+    movable: torch.Tensor | None = None,
 ) -> OracleResult:
     """Optimise token positions per image by AdamW on cross-entropy with the true label.
 
@@ -82,6 +83,9 @@ def spot_on(
         lr: step size in normalised coordinates (3e-3 at 224 px ~ 0.7 px/step).
         weight_decay: AdamW decay on the positions (default 0: decay would
             pull positions towards the (0, 0) corner).
+        movable: optional bool mask (N,) or (B, N) of the tokens allowed to
+            move; the others stay at their initial positions (used to optimise
+            one token at a time and measure token interdependence).
 
     Positions are clamped to [0, 1] after every step.
     """
@@ -89,7 +93,10 @@ def spot_on(
         raise ValueError(f"labels must have shape (B,) = ({images.shape[0]},), got {tuple(labels.shape)}")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    positions = init_positions.detach().clone().float().clamp(0, 1).requires_grad_(True)
+    start = init_positions.detach().float().clamp(0, 1)
+    positions = start.clone().requires_grad_(True)
+    if movable is not None:
+        frozen_tokens = ~movable.to(device=start.device, dtype=torch.bool).expand(start.shape[:2])[..., None]
     optimiser = torch.optim.AdamW([positions], lr=lr, weight_decay=weight_decay)
     trajectory, losses = [], []
     with frozen(model):
@@ -108,6 +115,8 @@ def spot_on(
             optimiser.step()
             with torch.no_grad():
                 positions.clamp_(0, 1)
+                if movable is not None:
+                    positions.copy_(torch.where(frozen_tokens, start, positions))
     return OracleResult(
         positions=positions.detach(),
         trajectory=torch.stack(trajectory, dim=1),
@@ -126,3 +135,30 @@ def evaluate_positions(model: SPoTViT, images: torch.Tensor, labels: torch.Tenso
     """
     with frozen(model):
         return model(images, positions).argmax(-1) == labels
+
+
+def spot_on_split(
+    model: SPoTViT,
+    split,
+    init_positions: torch.Tensor,
+    steps: int = 50,
+    lr: float = 3e-3,
+    batch_size: int = 256,
+    device=None,
+    desc: str | None = "SPoT-ON",
+    **kwargs,
+) -> OracleResult:
+    """:func:`spot_on` over a whole :class:`spotlib.data.Split` in batches (tqdm progress).
+
+    ``init_positions`` is (n, N, 2) for the n images of the split; results are on the CPU.
+    """
+    from tqdm.auto import tqdm
+
+    if init_positions.shape[0] != len(split):
+        raise ValueError(f"init_positions hold {init_positions.shape[0]} images, the split {len(split)}")
+    results = []
+    total = -(-len(split) // batch_size)
+    for sl, images, labels in tqdm(split.batches(batch_size, device), total=total, desc=desc, disable=desc is None):
+        result = spot_on(model, images, labels, init_positions[sl].to(images.device), steps, lr, **kwargs)
+        results.append(OracleResult(*(getattr(result, f).cpu() for f in OracleResult.__dataclass_fields__)))
+    return OracleResult.cat(results)

@@ -14,7 +14,7 @@ from matplotlib.patches import Rectangle
 
 from .data import Split
 
-PRIOR_ORDER = ["grid", "uniform", "gaussian", "sobol", "isotropic", "center", "salient"]
+PRIOR_ORDER = ["Patch Grid", "grid", "uniform", "gaussian", "sobol", "isotropic", "center", "salient", "SPoT-ON"]
 METRIC_LABELS = {"acc1": "Acc@1 (%)", "knn": "kNN (%)"}
 
 
@@ -86,7 +86,8 @@ def accuracy_vs_tokens(tidy: pd.DataFrame, metric: str = "acc1", hue: str = "pri
                        col: str | None = "backbone") -> sns.FacetGrid:
     """Accuracy against token budget, one line per ``hue`` (and ``style``), one panel per ``col``."""
     data = tidy[tidy.metric == metric]
-    order = [p for p in PRIOR_ORDER if p in set(data[hue])] if hue == "prior" else None
+    present = list(dict.fromkeys(data[hue]))
+    order = [p for p in PRIOR_ORDER if p in present] + [p for p in present if p not in PRIOR_ORDER]
     grid = sns.relplot(data=data, x="tokens", y="value", hue=hue, hue_order=order, style=style, col=col,
                        kind="line", marker="o", height=3.2, aspect=1.1, facet_kws=dict(sharey=True))
     grid.set(xscale="log", xticks=sorted(data.tokens.unique()))
@@ -96,3 +97,68 @@ def accuracy_vs_tokens(tidy: pd.DataFrame, metric: str = "acc1", hue: str = "pri
         ax.minorticks_off()
         ax.grid(alpha=0.3)
     return grid
+
+
+def show_trajectories(split: Split, trajectory: torch.Tensor, window: int, indices=range(6),
+                      labels: list[str] | None = None) -> plt.Figure:
+    """The paper's teaser: start positions (dots), paths and final windows for some images.
+
+    trajectory: (n, S + 1, N, 2) positions of the split's images at every oracle step.
+    """
+    indices = list(indices)
+    fig, axes = plt.subplots(1, len(indices), figsize=(2.2 * len(indices), 2.4), squeeze=False)
+    H, W = split.image_size
+    colors = plt.cm.tab10.colors
+    for ax, i in zip(axes[0], indices):
+        ax.imshow(image_for_display(split, i), cmap="gray")
+        path = trajectory[i]  # (S + 1, N, 2)
+        for t in range(path.shape[1]):
+            c = colors[t % len(colors)]
+            ax.plot(path[:, t, 1] * W - 0.5, path[:, t, 0] * H - 0.5, color=c, lw=0.8, alpha=0.9)
+            ax.scatter(path[0, t, 1] * W - 0.5, path[0, t, 0] * H - 0.5, s=6, color=c)
+            draw_windows(ax, path[-1, t : t + 1], window, (H, W), color=c, lw=0.9, centres=False)
+        ax.set_xlim(-0.5, W - 0.5)
+        ax.set_ylim(H - 0.5, -0.5)
+        ax.set_title(labels[i] if labels else split.classes[int(split.labels[i])], fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def saliency_distributions(token_saliency: pd.DataFrame) -> sns.FacetGrid:
+    """Saliency under each token (columns backbone, tokens, positions, saliency) as box plots."""
+    grid = sns.catplot(data=token_saliency, x="tokens", y="saliency", hue="positions", col="backbone", kind="box",
+                       hue_order=["random", "initial", "final"], fliersize=0.5, height=3.2, aspect=1.2)
+    grid.set_axis_labels("tokens", "saliency under the token")
+    return grid
+
+
+def transfer_matrices(transfer: pd.DataFrame) -> plt.Figure:
+    """One heatmap per budget: rows = where positions come from (a source backbone's oracle or the
+    target's prior), columns = target backbone, cells = target's Acc@1 (%)."""
+    budgets = sorted(transfer.tokens.unique())
+    fig, axes = plt.subplots(1, len(budgets), figsize=(2.6 * len(budgets), 2.6), squeeze=False)
+    for ax, n in zip(axes[0], budgets):
+        m = transfer[transfer.tokens == n].pivot_table(index="source", columns="target", values="acc1")
+        order = [r for r in m.index if r != "prior"] + ["prior"]
+        sns.heatmap(m.loc[order], annot=True, fmt=".1f", vmin=0, vmax=100, cmap="viridis", cbar=False, ax=ax)
+        ax.set_title(f"{n} tokens", fontsize=9)
+        ax.set_xlabel("target")
+        ax.set_ylabel("positions from" if n == budgets[0] else "")
+    fig.tight_layout()
+    return fig
+
+
+def compare_saliency(split: Split, maps: Mapping[str, torch.Tensor], show: int = 8) -> plt.Figure:
+    """Rows: the first ``show`` images, then each source's maps (n, H, W) in [0, 1]."""
+    fig, axes = plt.subplots(1 + len(maps), show, figsize=(1.3 * show, 1.4 * (1 + len(maps))), squeeze=False)
+    rows = [("image", None)] + list(maps.items())
+    for r, (name, m) in enumerate(rows):
+        for j in range(show):
+            ax = axes[r, j]
+            ax.imshow(image_for_display(split, j) if m is None else m[j], cmap="gray" if m is None else "magma",
+                      vmin=0, vmax=1)
+            ax.axis("off")
+        axes[r, 0].set_title(name, fontsize=8, loc="left")
+    fig.tight_layout()
+    return fig

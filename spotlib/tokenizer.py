@@ -109,3 +109,29 @@ def grid_positions(grid_size: tuple[int, int], batch_size: int = 1, device=None,
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     pos = torch.stack([yy, xx], dim=-1).reshape(1, gh * gw, 2)
     return pos.expand(batch_size, -1, -1).clone()
+
+
+def snap_to_grid(positions: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """Move each position to the centre of the grid cell containing it: (..., 2) -> (..., 2).
+
+    The grid-quantised counterpart of a subpixel placement (the paper's
+    misalignment argument): same budget, but every window is a grid patch.
+    """
+    size = torch.tensor(grid_size, dtype=positions.dtype, device=positions.device)
+    cell = (positions * size).floor().clamp(min=torch.zeros_like(size), max=size - 1)
+    return (cell + 0.5) / size
+
+
+def sample_points(maps: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Bilinear value of per-pixel maps (B, H, W) at positions (B, N, 2): (B, N).
+
+    Same convention as the windows (pixel i covers [i, i + 1)); beyond the
+    outermost pixel centres the edge value is held. Used e.g. to read the
+    saliency under each token centre.
+    """
+    if maps.ndim != 3:
+        raise ValueError(f"maps must have shape (B, H, W), got {tuple(maps.shape)}")
+    check_positions(positions, maps.shape[0])
+    grid = (positions.to(maps.dtype).flip(-1) * 2 - 1)[:, :, None, :]  # (B, N, 1, 2) as (x, y)
+    out = F.grid_sample(maps[:, None], grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out[:, 0, :, 0]

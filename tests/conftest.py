@@ -54,7 +54,7 @@ def make_vit(
         if pos_std is not None and model.pos_embed is not None:
             model.pos_embed.copy_(torch.randn(model.pos_embed.shape, generator=gen) * pos_std)
         for token in (model.cls_token, model.reg_token):
-            if token is not None:
+            if token is not None and pos_std is not None:
                 token.copy_(torch.randn(token.shape, generator=gen) * pos_std)
         # Non-zero conv bias and head so every term of the embedding shows.
         if model.patch_embed.proj.bias is not None:
@@ -127,6 +127,7 @@ def train_blob_model():
         opt.zero_grad()
         loss.backward()
         opt.step()
+    opt.zero_grad(set_to_none=True)
     model.eval()
     test_images, test_labels = blob_task(16, seed=1)
     return spot, test_images, test_labels

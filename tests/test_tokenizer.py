@@ -254,3 +254,40 @@ def test_bad_input_raises_clear_errors(images, positions, kwargs, exc, match):
 
 def test_padding_modes_constant():
     assert set(PADDING_MODES) == {"zeros", "border", "reflection"}
+
+
+# -- helpers: snap_to_grid, sample_points ------------------------------------------------
+def test_snap_to_grid():
+    from spotlib.tokenizer import snap_to_grid
+
+    grid = (3, 5)
+    centres = grid_positions(grid, 2)
+    torch.testing.assert_close(snap_to_grid(centres, grid), centres, rtol=0, atol=1e-7)
+    pos = torch.tensor([[[0.0, 0.0], [1.0, 1.0], [0.34, 0.41], [0.999, 0.2]]])
+    expected = torch.tensor([[[1 / 6, 1 / 10], [5 / 6, 9 / 10], [3 / 6, 5 / 10], [5 / 6, 3 / 10]]])
+    torch.testing.assert_close(snap_to_grid(pos, grid), expected, rtol=0, atol=1e-7)
+    # every snapped point is the centre of the cell that contains the original point
+    rand = torch.rand(4, 50, 2, generator=torch.Generator().manual_seed(0))
+    snapped = snap_to_grid(rand, grid)
+    size = torch.tensor(grid, dtype=torch.float32)
+    assert torch.equal((snapped * size).floor(), (rand * size).floor())
+
+
+def test_sample_points_matches_hand_bilinear():
+    from spotlib.tokenizer import sample_points
+
+    maps = torch.rand(2, 6, 9, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    pts = torch.tensor([[[2.3 / 6, 4.6 / 9], [0.5 / 6, 0.5 / 9]], [[3.5 / 6, 7.5 / 9], [4.9 / 6, 1.2 / 9]]],
+                       dtype=torch.float64)
+    out = sample_points(maps, pts)
+    assert out.shape == (2, 2)
+    for b in range(2):
+        for n in range(2):
+            u, v = pts[b, n, 0].item() * 6, pts[b, n, 1].item() * 9
+            assert out[b, n].item() == pytest.approx(bilinear(maps[b], u, v), abs=1e-12)
+    # at a pixel centre: the pixel value; beyond the outer pixel centres: the edge value
+    assert out[0, 1].item() == pytest.approx(maps[0, 0, 0].item(), abs=1e-12)
+    corner = sample_points(maps, torch.zeros(2, 1, 2, dtype=torch.float64))
+    torch.testing.assert_close(corner[:, 0], maps[:, 0, 0], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"maps must have shape \(B, H, W\)"):
+        sample_points(maps[0], pts)
