@@ -183,8 +183,9 @@ def build_dataset(
 
 
 def _columns(ds) -> dict[str, np.ndarray]:
-    """All rows of a ``datasets.Dataset`` as numpy arrays (one batched read, dtypes kept)."""
-    return ds.with_format("numpy")[:]
+    """All rows of a ``datasets.Dataset`` as numpy arrays: uint8 images, int64 labels (one batched read)."""
+    return {"image": ds.with_format("numpy", columns=["image"], dtype=np.uint8)[:]["image"],
+            "label": ds.with_format("numpy", columns=["label"], dtype=np.int64)[:]["label"]}
 
 
 def arrays_to_float(ds) -> torch.Tensor:

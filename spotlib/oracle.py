@@ -48,8 +48,9 @@ class OracleResult:
 
 @contextmanager
 def frozen(model: torch.nn.Module):
-    """Eval mode and no parameter gradients inside the block; restored after."""
-    was_training = model.training
+    """Eval mode and no parameter gradients inside the block; every module's mode and every
+    parameter's flag are restored after (the wrapper's own flag need not match its submodules')."""
+    modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
     for p, _ in flags:
@@ -59,7 +60,8 @@ def frozen(model: torch.nn.Module):
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
 
 
 def spot_on(

@@ -6,7 +6,8 @@ N ~ U{min_tokens..max_tokens} and positions from a randomly chosen prior in
 ``priors``, so one model serves every budget.
 
 Checkpoints: ``model.safetensors`` (weights; final after the last epoch) and
-``state.pt`` (optimiser, schedule, epoch) written atomically after each
+``state.pt`` (weights, optimiser, schedule, epoch: one file, so a kill can never
+pair one epoch's weights with another's optimiser) written atomically after each
 epoch. A killed run resumes from the last finished epoch and ends with the same
 weights as an uninterrupted one: every epoch's shuffling and position draws
 come from generators seeded by (seed, epoch). The log goes to ``log.csv`` and
@@ -114,7 +115,7 @@ def train(
         state = torch.load(state_path, map_location=device, weights_only=False)
         if state["config"] != asdict(config):
             raise ValueError(f"{state_path} was written with another config; delete {out_dir} to start over")
-        model.load_state_dict(load_file(str(out_dir / "model.safetensors"), device=str(device)))
+        model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         schedule.load_state_dict(state["schedule"])
         log, start_epoch = state["log"], state["epoch"] + 1
@@ -150,8 +151,8 @@ def train(
         log.append(dict(epoch=epoch + 1, loss=total_loss / seen, acc=100 * correct / seen,
                         lr=schedule.get_last_lr()[0], seconds=seconds, images_per_s=seen / seconds))
         _atomic_save({k: v.contiguous() for k, v in model.state_dict().items()}, out_dir / "model.safetensors", save_file)
-        _atomic_save(dict(config=asdict(config), optimiser=optimiser.state_dict(), schedule=schedule.state_dict(),
-                          log=log, epoch=epoch), state_path)
+        _atomic_save(dict(config=asdict(config), model=model.state_dict(), optimiser=optimiser.state_dict(),
+                          schedule=schedule.state_dict(), log=log, epoch=epoch), state_path)
     frame = pd.DataFrame(log)
     frame.to_csv(out_dir / "log.csv", index=False)
     (out_dir / "log.json").write_text(json.dumps(log, indent=2))
