@@ -12,10 +12,27 @@ epoch. A killed run resumes from the last finished epoch and ends with the same
 weights as an uninterrupted one: every epoch's shuffling and position draws
 come from generators seeded by (seed, epoch). The log goes to ``log.csv`` and
 ``log.json``.
+
+Multi-process (DDP) training: when ``torch.distributed`` is initialised with a
+world size W > 1 (e.g. under ``torchrun``, see :mod:`spotlib.finetune`),
+``train`` wraps the module whose forward it calls (the timm model in grid mode,
+the SPoT view in spot mode) in ``DistributedDataParallel``. ``batch_size`` is
+per process, so one optimiser step sees a global batch of W * batch_size images:
+every rank draws the same (seed, epoch) permutation and takes its own disjoint,
+contiguous share of each global batch. The token count and prior of a batch come
+from the shared generator (identical on all ranks); token positions from a
+generator seeded by (seed, epoch, rank). Each rank's loss is its summed cross
+entropy times W / (global batch size), so DDP's gradient average is exactly the
+gradient of the mean loss over the global batch: a grid-mode run on W processes
+follows the single-process run with batch W * batch_size up to float round-off.
+Only rank 0 writes checkpoints and logs (the others wait at a barrier), every
+rank resumes from ``state.pt``; the logged loss/acc are over all ranks' images.
+A checkpoint records its world size, and resuming with another one is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -25,6 +42,7 @@ from pathlib import Path
 import pandas as pd
 import timm
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
@@ -85,6 +103,33 @@ def _atomic_save(obj, path: Path, save=torch.save) -> None:
     os.replace(tmp, path)
 
 
+def distributed_context() -> tuple[int, int]:
+    """(rank, world_size) of the initialised default process group, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def default_device() -> torch.device:
+    """``cuda:{LOCAL_RANK}`` when CUDA is available (LOCAL_RANK from torchrun, 0 otherwise), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def rank_seed(seed: int, epoch: int, rank: int) -> int:
+    """A 63-bit seed for the per-rank position generator, derived from (seed, epoch, rank)."""
+    digest = hashlib.sha256(f"spotlib.train/{seed}/{epoch}/{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _barrier(device: torch.device) -> None:
+    if dist.get_backend() == "nccl" and device.type == "cuda":
+        dist.barrier(device_ids=[device.index if device.index is not None else torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
 def train(
     model: VisionTransformer,
     data: Split,
@@ -94,8 +139,16 @@ def train(
 ) -> pd.DataFrame:
     """Train ``model`` in place on ``data``; resume from ``out_dir`` if a checkpoint is there.
 
+    Under an initialised ``torch.distributed`` process group of more than one
+    process this is DDP training (see the module docstring): call it on every
+    rank with the same arguments (``device`` being the rank's own, e.g.
+    :func:`default_device`); ``config.batch_size`` is per process.
+
     Returns the per-epoch log (epoch, loss, acc, lr, seconds, images_per_s).
     """
+    rank, world = distributed_context()
+    distributed = world > 1
+    device = torch.device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = data.head(config.train_size)
@@ -104,7 +157,8 @@ def train(
     if not 1 <= config.min_tokens <= max_tokens:
         raise ValueError(f"need 1 <= min_tokens <= max_tokens, got {config.min_tokens}, {max_tokens}")
     model.to(device)
-    steps_per_epoch = -(-len(data) // config.batch_size)
+    global_batch = config.batch_size * world
+    steps_per_epoch = -(-len(data) // global_batch)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimiser, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=config.warmup
@@ -115,49 +169,112 @@ def train(
         state = torch.load(state_path, map_location=device, weights_only=False)
         if state["config"] != asdict(config):
             raise ValueError(f"{state_path} was written with another config; delete {out_dir} to start over")
+        if state.get("world_size", 1) != world:
+            raise ValueError(f"{state_path} was written by {state.get('world_size', 1)} process(es), this run has "
+                             f"{world}; resume with the same number or delete {out_dir} to start over")
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         schedule.load_state_dict(state["schedule"])
         log, start_epoch = state["log"], state["epoch"] + 1
 
+    if distributed:
+        # Wrap the module whose forward is called, so that DDP's hooks all-reduce the gradients.
+        # (Construction broadcasts rank 0's weights; after a resume they are equal already.)
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            spot if config.mode == "spot" else model,
+            device_ids=[device.index if device.index is not None else torch.cuda.current_device()]
+            if device.type == "cuda" else None,
+        )
+
     for epoch in range(start_epoch, config.epochs):
         gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         order = torch.randperm(len(data), generator=gen)
+        if distributed:
+            rank_gen = torch.Generator().manual_seed(rank_seed(config.seed, epoch, rank))
         model.train()
         total_loss, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
-        bar = tqdm(range(steps_per_epoch), desc=f"{config.mode} epoch {epoch + 1}/{config.epochs}", leave=False)
+        bar = tqdm(range(steps_per_epoch), desc=f"{config.mode} epoch {epoch + 1}/{config.epochs}", leave=False,
+                   disable=rank != 0)
         for step in bar:
-            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            images = data.normalise(data.images[idx].to(device))
-            labels = data.labels[idx].to(device)
-            if config.mode == "grid":
-                logits = model(images)
+            if distributed:
+                optimiser.zero_grad(set_to_none=True)
+                loss_sum, n_correct, n_seen = _ddp_step(
+                    ddp, data, config, order[step * global_batch : (step + 1) * global_batch], rank, world, gen,
+                    rank_gen, max_tokens, spot.grid_size, device)
+                total_loss += loss_sum
             else:
-                n = int(torch.randint(config.min_tokens, max_tokens + 1, (1,), generator=gen))
-                prior = config.priors[int(torch.randint(len(config.priors), (1,), generator=gen))]
-                positions = sample_positions(prior, len(idx), n, seed=gen, image_size=data.image_size,
-                                             grid_size=spot.grid_size, device=device)
-                logits = spot(images, positions)
-            loss = F.cross_entropy(logits, labels)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
+                idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+                images = data.normalise(data.images[idx].to(device))
+                labels = data.labels[idx].to(device)
+                if config.mode == "grid":
+                    logits = model(images)
+                else:
+                    n = int(torch.randint(config.min_tokens, max_tokens + 1, (1,), generator=gen))
+                    prior = config.priors[int(torch.randint(len(config.priors), (1,), generator=gen))]
+                    positions = sample_positions(prior, len(idx), n, seed=gen, image_size=data.image_size,
+                                                 grid_size=spot.grid_size, device=device)
+                    logits = spot(images, positions)
+                loss = F.cross_entropy(logits, labels)
+                total_loss += loss.item() * len(idx)
+                n_correct, n_seen = (logits.argmax(1) == labels).sum().item(), len(idx)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
             optimiser.step()
             schedule.step()
-            total_loss += loss.item() * len(idx)
-            correct += (logits.argmax(1) == labels).sum().item()
-            seen += len(idx)
-            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
+            correct += n_correct
+            seen += n_seen
+            bar.set_postfix(loss=f"{total_loss / max(seen, 1):.3f}", acc=f"{100 * correct / max(seen, 1):.1f}")
         seconds = time.perf_counter() - t0
+        if distributed:  # loss and accuracy over every rank's images
+            totals = torch.tensor([total_loss, correct, seen], dtype=torch.float64, device=device)
+            dist.all_reduce(totals)
+            total_loss, correct, seen = totals[0].item(), int(totals[1].item()), int(totals[2].item())
         log.append(dict(epoch=epoch + 1, loss=total_loss / seen, acc=100 * correct / seen,
                         lr=schedule.get_last_lr()[0], seconds=seconds, images_per_s=seen / seconds))
-        _atomic_save({k: v.contiguous() for k, v in model.state_dict().items()}, out_dir / "model.safetensors", save_file)
-        _atomic_save(dict(config=asdict(config), model=model.state_dict(), optimiser=optimiser.state_dict(),
-                          schedule=schedule.state_dict(), log=log, epoch=epoch), state_path)
+        if rank == 0:
+            _atomic_save({k: v.contiguous() for k, v in model.state_dict().items()}, out_dir / "model.safetensors",
+                         save_file)
+            _atomic_save(dict(config=asdict(config), model=model.state_dict(), optimiser=optimiser.state_dict(),
+                              schedule=schedule.state_dict(), log=log, epoch=epoch, world_size=world), state_path)
+        if distributed:
+            _barrier(device)
     frame = pd.DataFrame(log)
-    frame.to_csv(out_dir / "log.csv", index=False)
-    (out_dir / "log.json").write_text(json.dumps(log, indent=2))
+    if rank == 0:
+        frame.to_csv(out_dir / "log.csv", index=False)
+        (out_dir / "log.json").write_text(json.dumps(log, indent=2))
+    if distributed:
+        _barrier(device)
     model.eval()
     return frame
+
+
+def _ddp_step(ddp, data: Split, config: TrainConfig, batch: torch.Tensor, rank: int, world: int,
+              gen: torch.Generator, rank_gen: torch.Generator, max_tokens: int, grid_size, device):
+    """Forward and backward of this rank's share of one global batch (indices ``batch``).
+
+    Returns (summed cross entropy, correct, images) of the share. The loss that is
+    back-propagated is the summed cross entropy times world / len(batch), so DDP's
+    average over ranks is the gradient of the mean loss over the whole global batch.
+    """
+    idx = torch.tensor_split(batch, world)[rank]
+    weight = world / len(batch)
+    if len(idx) == 0:  # a last global batch smaller than the world: join the all-reduce with a zero gradient
+        idx, weight = batch[:1], 0.0
+    images = data.normalise(data.images[idx].to(device))
+    labels = data.labels[idx].to(device)
+    if config.mode == "grid":
+        logits = ddp(images)
+    else:  # N and the prior from the shared generator (same on all ranks), positions per rank
+        n = int(torch.randint(config.min_tokens, max_tokens + 1, (1,), generator=gen))
+        prior = config.priors[int(torch.randint(len(config.priors), (1,), generator=gen))]
+        positions = sample_positions(prior, len(idx), n, seed=rank_gen, image_size=data.image_size,
+                                     grid_size=grid_size, device=device)
+        logits = ddp(images, positions)
+    ce = F.cross_entropy(logits, labels, reduction="sum")
+    (ce * weight).backward()
+    if weight == 0.0:
+        return 0.0, 0, 0
+    return ce.item(), (logits.argmax(1) == labels).sum().item(), len(idx)
 
 
 def load_backbones(manifest: str | Path) -> dict[str, dict[str, SPoTViT]]:
