@@ -8,6 +8,7 @@ token budget as the queries.
 
 from __future__ import annotations
 
+import time
 from typing import Mapping, Sequence
 
 import pandas as pd
@@ -137,3 +138,19 @@ def sweep(
             rows.append(dict(backbone=backbone, model=model_name, prior=prior,
                              oracle=prior in USES_EXTERNAL_MODEL, tokens=n, metric=metric, value=value))
     return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def images_per_second(forward, num_images: int, repeats: int = 3) -> float:
+    """Throughput of ``forward()`` (a call that processes ``num_images`` images): best of ``repeats``
+    timed calls after one warm-up call (CUDA is synchronised when available)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    forward()
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        forward()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return num_images / best

@@ -162,3 +162,32 @@ def compare_saliency(split: Split, maps: Mapping[str, torch.Tensor], show: int =
         axes[r, 0].set_title(name, fontsize=8, loc="left")
     fig.tight_layout()
     return fig
+
+
+def compare_placements(split: Split, placements: Mapping[str, torch.Tensor], window: int) -> plt.Figure:
+    """One row per method, one column per image: its windows at positions (n, N, 2) on the image."""
+    n = len(split)
+    fig, axes = plt.subplots(len(placements), n, figsize=(1.9 * n, 2.0 * len(placements)), squeeze=False)
+    for r, (label, positions) in enumerate(placements.items()):
+        for i in range(n):
+            ax = axes[r, i]
+            ax.imshow(image_for_display(split, i), cmap="gray")
+            draw_windows(ax, positions[i], window, split.image_size)
+            ax.set_xlim(-0.5, split.image_size[1] - 0.5)
+            ax.set_ylim(split.image_size[0] - 0.5, -0.5)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r, 0].set_ylabel(label, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_vs_flops(points: pd.DataFrame) -> sns.FacetGrid:
+    """Acc@1 against FLOPs per image (columns backbone, method, tokens, mflops, acc1), one line per method."""
+    grid = sns.relplot(data=points, x="mflops", y="acc1", hue="method", col="backbone", kind="line", marker="o",
+                       height=3.2, aspect=1.1)
+    grid.set(xscale="log")
+    grid.set_axis_labels("MFLOPs per image (forward)", "Acc@1 (%)")
+    for ax in grid.axes.flat:
+        ax.grid(alpha=0.3)
+    return grid

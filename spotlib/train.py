@@ -97,6 +97,13 @@ def load_vit(spec: dict, weights: str | Path) -> VisionTransformer:
     return model.eval()
 
 
+def one_cycle(optimiser: torch.optim.Optimizer, lr: float, total_steps: int, warmup: float):
+    """One-cycle learning-rate schedule; ``warmup`` is the fraction of the steps spent warming up."""
+    if abs(warmup * total_steps - 1) < 1e-6:  # OneCycleLR divides by zero when warm-up ends at step 0
+        warmup *= 1.01
+    return torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=total_steps, pct_start=warmup)
+
+
 def _atomic_save(obj, path: Path, save=torch.save) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save(obj, str(tmp))
@@ -160,9 +167,7 @@ def train(
     global_batch = config.batch_size * world
     steps_per_epoch = -(-len(data) // global_batch)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=config.warmup
-    )
+    schedule = one_cycle(optimiser, config.lr, config.epochs * steps_per_epoch, config.warmup)
     log, start_epoch = [], 0
     state_path = out_dir / "state.pt"
     if state_path.exists():
