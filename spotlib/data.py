@@ -89,16 +89,47 @@ def _load_pil(image, image_size: int, resize: int | None, channels: int) -> np.n
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 
-def _image_dataset_arrays(ds_dict, image_size: int, resize: int | None, channels: int, image_column="image",
-                          label_column="label") -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
-    from tqdm.auto import tqdm
+def _subset_indices(labels: np.ndarray, size: int | None, per_class: int | None,
+                    rng: np.random.Generator) -> np.ndarray | None:
+    """Sorted indices of a seeded random subset: ``per_class`` images of each class and/or ``size``
+    images in all (None: no limit); None when everything is kept."""
+    keep = np.arange(len(labels))
+    if per_class is not None:
+        order = rng.permutation(len(labels))
+        taken = np.zeros(int(labels.max()) + 1 if len(labels) else 0, dtype=np.int64)
+        chosen = []
+        for i in order:  # the first per_class of each class in a random order
+            if taken[labels[i]] < per_class:
+                taken[labels[i]] += 1
+                chosen.append(i)
+        keep = np.sort(np.asarray(chosen, dtype=np.int64))
+    if size is not None and size < len(keep):
+        keep = np.sort(keep[rng.permutation(len(keep))[:size]])
+    return None if len(keep) == len(labels) else keep
+
+
+def _image_dataset_arrays(ds_dict, image_size: int, resize: int | None, channels: int, subsets: dict,
+                          workers: int = 1, image_column="image", label_column="label",
+                          ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+    """Decode and crop each split's images (only the rows ``subsets[split]`` selects, in ``workers`` processes)."""
+    import datasets
 
     names = ds_dict[next(iter(ds_dict))].features[label_column].names
     out = {}
     for split, ds in ds_dict.items():
-        images = np.stack([_load_pil(im, image_size, resize, channels)
-                           for im in tqdm(ds[image_column], desc=f"preprocess {split}")])
-        out[split] = (images, np.asarray(ds[label_column], dtype=np.int64))
+        if split not in ("train", "test", "val", "validation"):
+            continue
+        labels = np.asarray(ds[label_column], dtype=np.int64)  # reads the label column only, no image decoding
+        keep = subsets(split, labels)
+        if keep is not None:
+            ds, labels = ds.select(keep), labels[keep]
+        probe = _load_pil(ds[0][image_column], image_size, resize, channels)
+        features = datasets.Features({"image": datasets.Array3D(shape=probe.shape, dtype="uint8")})
+        decoded = ds.map(
+            lambda batch: {"image": [_load_pil(im, image_size, resize, channels) for im in batch[image_column]]},
+            batched=True, batch_size=64, num_proc=workers if workers > 1 else None, features=features,
+            remove_columns=ds.column_names, desc=f"decode {split}")
+        out[split] = (_columns(decoded, ("image",))["image"], labels)
     return out, names
 
 
@@ -114,7 +145,9 @@ def build_dataset(
     channels: int = 1,
     train_size: int | None = None,
     test_size: int | None = None,
+    train_per_class: int | None = None,
     seed: int = 0,
+    workers: int = 1,
 ) -> Path:
     """Materialise a dataset once as a ``datasets.DatasetDict`` on disk (atomic).
 
@@ -125,39 +158,47 @@ def build_dataset(
         hub_id: hub dataset id (``hub``).
         image_size, resize, channels: preprocessing of ``imagefolder``/``hub`` images.
         train_size, test_size: optional seeded random subsets (None = all).
+        train_per_class: keep this many random training images per class (e.g. a kNN bank drawn from
+            ImageNet's training split); combined with ``train_size``, the per-class draw comes first.
+        workers: processes decoding images (``imagefolder``/``hub``); only the kept rows are decoded.
     """
     import datasets
 
     if source not in SOURCES:
         raise ValueError(f"unknown data source {source!r}; valid choices: {', '.join(SOURCES)}")
+    rng = np.random.default_rng(seed)
+    limits = {"train": (train_size, train_per_class), "test": (test_size, None)}
+
+    def subsets(split: str, labels: np.ndarray) -> np.ndarray | None:
+        split = "test" if split in ("val", "validation") else split
+        return _subset_indices(labels, *limits[split], rng)
+
     if source == "fashion_mnist":
         arrays, names = _fashion_mnist_arrays(), list(FASHION_MNIST_CLASSES)
-    elif source == "imagefolder":
-        if not path or not Path(path).is_dir():
-            raise DataSourceError(f"imagefolder source needs an existing directory in 'path', got {path!r}")
-        raw = datasets.load_dataset("imagefolder", data_dir=path)
-        arrays, names = _image_dataset_arrays(raw, image_size, resize, channels)
+        for split, (images, labels) in arrays.items():
+            keep = subsets(split, labels)
+            arrays[split] = (images, labels) if keep is None else (images[keep], labels[keep])
     else:
-        if not hub_id:
-            raise ValueError("hub source needs 'hub_id' (e.g. 'zalando-datasets/fashion_mnist')")
-        try:
-            raw = datasets.load_dataset(hub_id)
-        except Exception as err:
-            raise DataSourceError(f"could not load {hub_id!r} from the hub: {err}") from err
-        arrays, names = _image_dataset_arrays(raw, image_size, resize, channels)
+        if source == "imagefolder":
+            if not path or not Path(path).is_dir():
+                raise DataSourceError(f"imagefolder source needs an existing directory in 'path', got {path!r}")
+            raw = datasets.load_dataset("imagefolder", data_dir=path)
+        else:
+            if not hub_id:
+                raise ValueError("hub source needs 'hub_id' (e.g. 'zalando-datasets/fashion_mnist')")
+            try:
+                raw = datasets.load_dataset(hub_id)
+            except Exception as err:
+                raise DataSourceError(f"could not load {hub_id!r} from the hub: {err}") from err
+        arrays, names = _image_dataset_arrays(raw, image_size, resize, channels, subsets, workers)
     arrays = {("test" if s in ("val", "validation") else s): v for s, v in arrays.items()}
     missing = {"train", "test"} - set(arrays)
     if missing:
         raise DataSourceError(f"the source has splits {sorted(arrays)}; missing {sorted(missing)}")
 
-    rng = np.random.default_rng(seed)
-    sizes = {"train": train_size, "test": test_size}
     splits = {}
     for split in ("train", "test"):
         images, labels = arrays[split]
-        if sizes[split] is not None and sizes[split] < len(labels):
-            keep = np.sort(rng.permutation(len(labels))[: sizes[split]])
-            images, labels = images[keep], labels[keep]
         features = datasets.Features({
             "image": datasets.Array3D(shape=images.shape[1:], dtype="uint8"),
             "label": datasets.ClassLabel(names=names),
@@ -182,10 +223,10 @@ def build_dataset(
     return out_dir
 
 
-def _columns(ds) -> dict[str, np.ndarray]:
-    """All rows of a ``datasets.Dataset`` as numpy arrays: uint8 images, int64 labels (one batched read)."""
-    return {"image": ds.with_format("numpy", columns=["image"], dtype=np.uint8)[:]["image"],
-            "label": ds.with_format("numpy", columns=["label"], dtype=np.int64)[:]["label"]}
+def _columns(ds, names=("image", "label")) -> dict[str, np.ndarray]:
+    """Rows of a ``datasets.Dataset`` as numpy arrays: uint8 images, int64 labels (one batched read each)."""
+    dtypes = {"image": np.uint8, "label": np.int64}
+    return {n: ds.with_format("numpy", columns=[n], dtype=dtypes[n])[:][n] for n in names}
 
 
 def arrays_to_float(ds) -> torch.Tensor:
@@ -197,8 +238,11 @@ def arrays_to_float(ds) -> torch.Tensor:
 class Split:
     """One split in memory: uint8 images (n, C, H, W), labels (n,), normalisation stats.
 
-    ``batches`` yields model-ready float tensors, normalised with the training
-    mean/std, in dataset order.
+    ``batches`` yields model-ready float tensors, normalised with ``mean``/``std``
+    (the training split's statistics when loaded; a pretrained backbone's own
+    via :meth:`with_stats` or :func:`for_model`), in dataset order. Images
+    stay uint8 until they reach the device: on CUDA they are copied from
+    pinned memory without blocking and normalised there.
     """
 
     images: torch.Tensor
@@ -224,6 +268,12 @@ class Split:
         std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
         return (images.float() / 255 - mean) / std
 
+    def with_stats(self, mean: tuple[float, ...], std: tuple[float, ...]) -> "Split":
+        """The same images normalised with another per-channel mean/std (e.g. a pretrained backbone's)."""
+        if len(mean) != self.channels or len(std) != self.channels:
+            raise ValueError(f"mean/std need {self.channels} values (one per channel), got {len(mean)} and {len(std)}")
+        return Split(self.images, self.labels, tuple(mean), tuple(std), self.classes)
+
     def subset(self, indices) -> "Split":
         indices = torch.as_tensor(indices)
         return Split(self.images[indices], self.labels[indices], self.mean, self.std, self.classes)
@@ -234,9 +284,21 @@ class Split:
 
     def batches(self, batch_size: int, device=None) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
         """Yield (slice into the split, normalised images, labels) in order."""
+        device = torch.device(device or "cpu")
+        pin = device.type == "cuda"
         for start in range(0, len(self), batch_size):
             sl = slice(start, min(start + batch_size, len(self)))
-            yield sl, self.normalise(self.images[sl].to(device)), self.labels[sl].to(device)
+            images, labels = self.images[sl], self.labels[sl]
+            if pin:
+                images, labels = images.pin_memory(), labels.pin_memory()
+            yield sl, self.normalise(images.to(device, non_blocking=pin)), labels.to(device, non_blocking=pin)
+
+
+def for_model(split: Split, model) -> Split:
+    """``split`` normalised as ``model`` expects: its ``input_stats`` (mean, std) if it has them
+    (pretrained backbones, set by :func:`spotlib.backbones.load_backbones`), else unchanged."""
+    stats = getattr(model, "input_stats", None)
+    return split if stats is None else split.with_stats(*stats)
 
 
 def load_split(data_dir: str | Path, split: str) -> Split:

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import Split
-from .oracle import frozen
+from .data import Split, for_model
+from .oracle import frozen, mixed_precision
 from .priors import USES_EXTERNAL_MODEL, sample_positions
 from .vit import SPoTViT
 
@@ -34,14 +34,21 @@ def draw_positions(
 
 @torch.no_grad()
 def embed(
-    model: SPoTViT, split: Split, positions: torch.Tensor, batch_size: int = 256, device=None, desc: str | None = None
+    model: SPoTViT, split: Split, positions: torch.Tensor, batch_size: int = 256, device=None, desc: str | None = None,
+    amp: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (n, K) and pooled features (n, D) of ``split`` at ``positions`` (n, N, 2)."""
+    """Logits (n, K) and pooled features (n, D) of ``split`` at ``positions`` (n, N, 2), float32 on the CPU.
+
+    Images are normalised as the model expects (:func:`spotlib.data.for_model`);
+    ``amp``: bfloat16 autocast (default: on CUDA only).
+    """
     logits, feats = [], []
-    with frozen(model):
+    split = for_model(split, model)
+    with frozen(model), mixed_precision(device, amp):
         batches = split.batches(batch_size, device)
-        for sl, images, _ in tqdm(batches, total=-(-len(split) // batch_size), desc=desc, leave=False, disable=desc is None):
-            tokens = model.forward_features(images, positions[sl].to(images.device))
+        total = -(-len(split) // batch_size)
+        for sl, images, _ in tqdm(batches, total=total, desc=desc, leave=False, disable=desc is None, unit="batch"):
+            tokens = model.forward_features(images, positions[sl].to(images.device, non_blocking=True))
             pooled = model.model.forward_head(tokens, pre_logits=True)
             feats.append(pooled.float().cpu())
             logits.append(model.model.head(pooled).float().cpu())

@@ -64,6 +64,14 @@ def frozen(model: torch.nn.Module):
             m.training = mode
 
 
+def mixed_precision(device, amp: bool | None = None):
+    """bfloat16 autocast on CUDA (``amp=None``: on iff ``device`` is a CUDA device; True elsewhere uses the
+    CPU's bfloat16 autocast, for tests); a no-op context when off."""
+    device = torch.device(device or "cpu")
+    enabled = device.type == "cuda" if amp is None else amp
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def spot_on(
     model: SPoTViT,
     images: torch.Tensor,
@@ -73,6 +81,7 @@ def spot_on(
     lr: float = 3e-3,
     weight_decay: float = 0.0,
     movable: torch.Tensor | None = None,
+    amp: bool | None = None,
 ) -> OracleResult:
     """Optimise token positions per image by AdamW on cross-entropy with the true label.
 
@@ -88,6 +97,8 @@ def spot_on(
         movable: optional bool mask (N,) or (B, N) of the tokens allowed to
             move; the others stay at their initial positions (used to optimise
             one token at a time and measure token interdependence).
+        amp: bfloat16 autocast of the forward (default: on CUDA only); positions and their
+            optimiser stay float32.
 
     Positions are clamped to [0, 1] after every step.
     """
@@ -103,7 +114,8 @@ def spot_on(
     trajectory, losses = [], []
     with frozen(model):
         for step in range(steps + 1):
-            logits = model(images, positions)
+            with mixed_precision(images.device, amp):
+                logits = model(images, positions).float()
             loss = F.cross_entropy(logits, labels, reduction="none")
             trajectory.append(positions.detach().clone())
             losses.append(loss.detach())
@@ -153,9 +165,13 @@ def spot_on_split(
     """:func:`spot_on` over a whole :class:`spotlib.data.Split` in batches (tqdm progress).
 
     ``init_positions`` is (n, N, 2) for the n images of the split; results are on the CPU.
+    Images are normalised as the model expects (:func:`spotlib.data.for_model`).
     """
     from tqdm.auto import tqdm
 
+    from .data import for_model
+
+    split = for_model(split, model)
     if init_positions.shape[0] != len(split):
         raise ValueError(f"init_positions hold {init_positions.shape[0]} images, the split {len(split)}")
     results = []

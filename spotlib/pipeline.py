@@ -3,7 +3,8 @@
 ``params.yaml`` holds one section per stage (the values of the default,
 embedded profile) and ``profiles: {name: {stage: overrides}}``. The active
 profile is the top-level ``profile`` key (``dvc exp run -S profile=smoke``);
-its overrides are deep-merged over the stage sections.
+its overrides are deep-merged over the stage sections (a ``null`` in place of
+a mapping removes it: ``models: {A: null}`` drops model A).
 
 A stage runs ``python -m spotlib.pipeline <stage>``: it executes
 ``notebooks/<NN>_<stage>.ipynb`` with papermill, injecting every key of the
@@ -35,10 +36,16 @@ def repo_root(start: str | Path | None = None) -> Path:
 
 
 def deep_merge(base: dict, override: dict) -> dict:
-    """A copy of ``base`` with ``override`` merged in (dicts recursively, everything else replaced)."""
+    """A copy of ``base`` with ``override`` merged in: dicts recursively, everything else replaced,
+    and a ``null`` override of a dict removes it (so a profile can drop the default's models)."""
     out = copy.deepcopy(base)
     for key, value in (override or {}).items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
+        if value is None and isinstance(out.get(key), dict):
+            del out[key]
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
     return out
 
 

@@ -110,7 +110,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from .data import Split
+from .data import Split, for_model
 from .evaluate import knn_predict
 from .oracle import frozen
 from .tokenizer import check_images, grid_positions
@@ -233,6 +233,8 @@ class TokenRelevanceSparsifier(nn.Module):
             ``[0, depth - 2]`` (e.g. 1 for a 4-block model: blocks 0..1 see all
             tokens, blocks 2..3 only the kept ones).
         hidden: hidden width of the relevance predictor.
+        input_stats: (mean, std) the backbone expects its inputs normalised with, or None for
+            the dataset's statistics (see :func:`spotlib.data.for_model`).
 
     ``forward(images, keep)`` -> logits (B, num_classes); ``features(images, keep)``
     -> pooled pre-logits (B, D); ``scores(images)`` -> relevance (B, N) in raster
@@ -241,8 +243,9 @@ class TokenRelevanceSparsifier(nn.Module):
     trainable weights of its own; the backbone stays ``self.model``.
     """
 
-    def __init__(self, model: VisionTransformer, prune_after: int, hidden: int = 64):
+    def __init__(self, model: VisionTransformer, prune_after: int, hidden: int = 64, input_stats=None):
         super().__init__()
+        self.input_stats = input_stats
         if not isinstance(model, VisionTransformer):
             raise TypeError(f"TokenRelevanceSparsifier wraps a timm VisionTransformer, got {type(model).__name__}")
         if model.cls_token is None:
@@ -595,7 +598,7 @@ def train_sparsifier(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = data.head(config.train_size)
+    data = for_model(data.head(config.train_size), sparsifier)
     N = sparsifier.num_patches
     max_keep = config.max_keep or N
     if not 1 <= config.min_keep <= max_keep <= N:
@@ -668,6 +671,7 @@ def embed_sparsifier(
     """Logits (n, K) and pooled features (n, D) of ``split`` at budget ``keep`` (CPU tensors)."""
     keep = sparsifier.check_keep(keep)
     logits, feats = [], []
+    split = for_model(split, sparsifier)
     with frozen(sparsifier):
         for _, images, _ in split.batches(batch_size, device):
             pooled = sparsifier.model.forward_head(sparsifier.forward_features(images, keep), pre_logits=True)

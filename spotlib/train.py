@@ -280,17 +280,3 @@ def _ddp_step(ddp, data: Split, config: TrainConfig, batch: torch.Tensor, rank: 
     if weight == 0.0:
         return 0.0, 0, 0
     return ce.item(), (logits.argmax(1) == labels).sum().item(), len(idx)
-
-
-def load_backbones(manifest: str | Path) -> dict[str, dict[str, SPoTViT]]:
-    """{backbone: {"grid": SPoT view of the grid-trained ViT, "spot": of the SPoT fine-tune}}.
-
-    ``manifest`` is the JSON the backbones stage writes: {backbone: {"vit": spec,
-    "weights": {mode: path relative to the manifest's folder}}}.
-    """
-    manifest = Path(manifest)
-    entries = json.loads(manifest.read_text())
-    return {
-        name: {mode: SPoTViT(load_vit(entry["vit"], manifest.parent / path)) for mode, path in entry["weights"].items()}
-        for name, entry in entries.items()
-    }

