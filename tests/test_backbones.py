@@ -1,0 +1,179 @@
+"""spotlib.backbones: every kind of backbone spec, the manifest round trip, per-model normalisation,
+the linear probe; plus Split.with_stats / for_model and mixed precision."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from checkpoint_formats import mae_state_dict, published_state_dict
+from conftest import make_split
+from spotlib.backbones import (build_model, create_grid_vit, fit_linear_probe, input_stats_for, load_backbones,
+                               prepare_backbone, write_manifest)
+from spotlib.checkpoints import IMAGENET_MEAN, IMAGENET_STD, PublishedSPoT
+from spotlib.data import for_model
+from spotlib.evaluate import embed
+from spotlib.oracle import spot_on
+from spotlib.vit import SPoTViT
+
+TINY_VIT = dict(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=2, num_heads=2)
+TINY_TIMM = dict(timm_name="vit_base_patch16_224.augreg_in1k", pretrained=False, **TINY_VIT)
+MAE_ARCH = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+PUBLISHED_ARCH = dict(window=4, embed_dim=64, depth=2, num_heads=4, num_classes=3, img_size=16)
+
+
+@pytest.fixture
+def rgb_split():
+    return make_split(n=18, channels=3, size=(16, 16), num_classes=3, seed=1)
+
+
+def outputs(model, split, n=16):
+    positions = model.grid_positions(len(split))[:, :n]
+    return embed(model, split, positions, batch_size=8)[0]
+
+
+def test_random_init_kwargs_get_the_dataset_classes_and_stats():
+    vit, kind, arch = create_grid_vit(TINY_VIT, num_classes=3)
+    assert kind == "vit" and vit.num_classes == 3 and arch["num_classes"] == 3
+    assert input_stats_for(TINY_VIT, vit) is None  # the dataset's own statistics
+
+
+def test_timm_name_uses_its_pretrained_normalisation():
+    vit, kind, arch = create_grid_vit(TINY_TIMM, num_classes=3)
+    assert kind == "vit" and arch["timm_name"] == TINY_TIMM["timm_name"] and arch["pretrained"] is False
+    assert input_stats_for(TINY_TIMM, vit) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # augreg: inception stats
+    assert input_stats_for(TINY_TIMM, vit, "dataset") is None
+    assert input_stats_for(TINY_TIMM, vit, {"mean": [0.1] * 3, "std": [0.2] * 3}) == ((0.1,) * 3, (0.2,) * 3)
+    with pytest.raises(ValueError, match="unknown normalisation 'imagenet'.*auto, dataset"):
+        input_stats_for(TINY_TIMM, vit, "imagenet")
+
+
+def test_mae_checkpoint_spec_loads_the_file(tmp_path):
+    sd = mae_state_dict(D=32, depth=2, p=4, img=16, classes=3)
+    torch.save({"model": sd}, tmp_path / "mae.pth")
+    spec = {"mae_checkpoint": str(tmp_path / "mae.pth"), **MAE_ARCH}
+    vit, kind, arch = create_grid_vit(spec, num_classes=3)
+    assert kind == "mae" and arch == MAE_ARCH
+    assert torch.equal(vit.head.weight, sd["head.weight"]) and vit.global_pool == "avg"
+    assert input_stats_for(spec, vit) == (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def test_prepare_trains_saves_and_reloads_identically(tmp_path, rgb_split):
+    """From scratch: grid training then a SPoT fine-tune; models.json rebuilds both exactly."""
+    spec = {"vit": TINY_VIT,
+            "grid": {"epochs": 1, "batch_size": 6, "lr": 1e-3, "seed": 0},
+            "spot": {"epochs": 1, "batch_size": 6, "lr": 1e-3, "seed": 0, "min_tokens": 2, "max_tokens": 16}}
+    torch.manual_seed(0)
+    entry, log = prepare_backbone("A", spec, rgb_split, tmp_path)
+    assert set(log["mode"]) == {"grid", "spot"} and (log["backbone"] == "A").all()
+    write_manifest({"A": entry}, tmp_path / "models.json")
+    assert not (tmp_path / "models.json.tmp").exists()
+    pair = load_backbones(tmp_path / "models.json")["A"]
+    grid_sd = pair["grid"].model.state_dict()
+    assert any(not torch.equal(v, pair["spot"].model.state_dict()[k]) for k, v in grid_sd.items())  # fine-tuned
+    # a second run resumes from the checkpoints: nothing retrains, same weights
+    torch.manual_seed(123)
+    entry2, _ = prepare_backbone("A", spec, rgb_split, tmp_path)
+    assert entry2 == entry
+    again = load_backbones(tmp_path / "models.json")["A"]
+    for mode in ("grid", "spot"):
+        assert torch.equal(outputs(pair[mode], rgb_split), outputs(again[mode], rgb_split))
+
+
+def test_pretrained_grid_with_published_spot(tmp_path, rgb_split):
+    """grid: null keeps the loaded ViT; spot: published loads the authors' format; each model keeps its own
+    normalisation through the manifest."""
+    sd = published_state_dict("spot_21k_b16", D=64, depth=2, k=4, classes=3)
+    torch.save({"model": sd}, tmp_path / "spot.pth")
+    spec = {"vit": {**TINY_TIMM, "num_classes": 3}, "grid": None,
+            "spot": {"published": str(tmp_path / "spot.pth"), "variant": "spot_21k_b16", **PUBLISHED_ARCH}}
+    torch.manual_seed(0)
+    reference, _, _ = create_grid_vit(spec["vit"], 3)
+    torch.manual_seed(0)
+    entry, log = prepare_backbone("CLS", spec, rgb_split, tmp_path)
+    assert len(log) == 0  # nothing trained
+    assert entry["grid"]["mean"] == [0.5] * 3 and entry["spot"]["mean"] == list(IMAGENET_MEAN)
+    write_manifest({"CLS": entry}, tmp_path / "models.json")
+    pair = load_backbones(tmp_path / "models.json")["CLS"]
+    assert isinstance(pair["grid"], SPoTViT) and isinstance(pair["spot"], PublishedSPoT)
+    assert pair["grid"].input_stats == ((0.5,) * 3, (0.5,) * 3)
+    assert pair["spot"].input_stats == (IMAGENET_MEAN, IMAGENET_STD)
+    # the grid model is the loaded timm model, fed with *its* normalisation, not the dataset's
+    x = rgb_split.with_stats((0.5,) * 3, (0.5,) * 3).normalise(rgb_split.images)
+    with torch.no_grad():
+        expected = reference.eval()(x)
+    torch.testing.assert_close(outputs(pair["grid"], rgb_split), expected, atol=1e-5, rtol=1e-5)
+    assert pair["spot"].n_sigma.item() == pytest.approx(torch.nn.functional.softplus(sd["tokenizer._n_sigma"]).item())
+
+
+def test_frozen_backbone_with_probe_and_no_spot(tmp_path):
+    """A headless backbone: a linear probe learns the classes; spot: null is the same frozen model."""
+    split = make_split(n=60, channels=3, size=(16, 16), num_classes=3, seed=2)
+    split.images[:] = (split.labels * 100 + 20)[:, None, None, None].to(torch.uint8)  # class = brightness
+    spec = {"vit": {**TINY_VIT, "num_classes": 0}, "grid": None, "probe": {"steps": 50}, "spot": None}
+    torch.manual_seed(0)
+    entry, log = prepare_backbone("F", spec, split, tmp_path)
+    assert list(log["mode"]) == ["probe"] and log["acc"].item() > 90
+    assert entry["spot"] == entry["grid"] and entry["grid"]["arch"]["num_classes"] == 3
+    model = build_model(entry["grid"], tmp_path)
+    acc = (outputs(model, split).argmax(1) == split.labels).float().mean().item()
+    assert acc > 0.9
+
+
+def test_probe_fits_separable_features(rgb_split):
+    torch.manual_seed(0)
+    view = SPoTViT(create_grid_vit(TINY_VIT, 3)[0])
+    rgb_split.images[:] = (rgb_split.labels * 100)[:, None, None, None].to(torch.uint8)
+    before = view.model.head.weight.clone()
+    log = fit_linear_probe(view, rgb_split, steps=50)
+    assert log["acc"].item() == 100.0 and not torch.equal(before, view.model.head.weight)
+
+
+def test_prepare_errors(tmp_path, rgb_split):
+    with pytest.raises(ValueError, match="unknown keys \\['epochs'\\]"):
+        prepare_backbone("A", {"vit": TINY_VIT, "epochs": 3}, rgb_split, tmp_path)
+    with pytest.raises(ValueError, match="10 output classes, the dataset 3.*probe"):
+        prepare_backbone("A", {"vit": {**TINY_VIT, "num_classes": 10}, "grid": None}, rgb_split, tmp_path)
+    with pytest.raises(ValueError, match="spot.variant must be one of spot_21k_b16"):
+        prepare_backbone("A", {"vit": TINY_VIT, "spot": {"published": "x.pth", "variant": "b16"}}, rgb_split, tmp_path)
+    with pytest.raises(FileNotFoundError, match="dsb-ifi/SPoT"):
+        prepare_backbone("A", {"vit": TINY_VIT, "spot": {"published": str(tmp_path / "none.pth"),
+                                                         "variant": "spot_1k_b16"}}, rgb_split, tmp_path)
+    with pytest.raises(FileNotFoundError, match="run the backbones stage"):
+        load_backbones(tmp_path / "missing.json")
+    (tmp_path / "m.json").write_text(json.dumps({"A": {"grid": {"kind": "resnet", "arch": {}, "weights": "x"}}}))
+    with pytest.raises(ValueError, match="unknown model kind 'resnet'; valid choices: vit, mae, published"):
+        load_backbones(tmp_path / "m.json")
+
+
+def test_with_stats_and_for_model(rgb_split):
+    stats = ((0.1, 0.2, 0.3), (0.5, 0.6, 0.7))
+    other = rgb_split.with_stats(*stats)
+    x = rgb_split.images[:2].float() / 255
+    expected = (x - torch.tensor(stats[0]).view(1, 3, 1, 1)) / torch.tensor(stats[1]).view(1, 3, 1, 1)
+    torch.testing.assert_close(other.normalise(rgb_split.images[:2]), expected)
+    with pytest.raises(ValueError, match="need 3 values"):
+        rgb_split.with_stats((0.5,), (0.5,))
+    view = SPoTViT(create_grid_vit(TINY_VIT, 3)[0])
+    assert for_model(rgb_split, view) is rgb_split
+    view.input_stats = stats
+    assert for_model(rgb_split, view).mean == stats[0]
+    # embed applies the model's normalisation
+    positions = view.grid_positions(len(rgb_split))
+    torch.testing.assert_close(embed(view, rgb_split, positions)[0], embed(SPoTViT(view.model), other, positions)[0])
+
+
+def test_mixed_precision_is_close_and_keeps_float32_outputs(rgb_split):
+    torch.manual_seed(0)
+    view = SPoTViT(create_grid_vit(TINY_VIT, 3)[0])
+    positions = view.grid_positions(len(rgb_split))
+    full, _ = embed(view, rgb_split, positions)
+    half, feats = embed(view, rgb_split, positions, amp=True)  # bfloat16 autocast on the CPU
+    assert half.dtype == feats.dtype == torch.float32
+    assert not torch.equal(full, half)
+    torch.testing.assert_close(half, full, atol=0.1, rtol=0.05)
+    images = rgb_split.normalise(rgb_split.images)
+    res = spot_on(view, images, rgb_split.labels, positions[:, :4], steps=2, lr=0.01, amp=True)
+    assert res.positions.dtype == torch.float32 and res.loss.dtype == torch.float32
