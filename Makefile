@@ -3,7 +3,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup repro test bench lab
+.PHONY: setup repro test bench bench-gpu lab
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -16,6 +16,9 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/tokenizer.py
+
+bench-gpu: setup  # evaluation and SPoT-ON images/s per budget (ViT-B/16, 224 px); CPU sizes without a GPU
+	$(BIN)/python benchmarks/throughput.py
 
 lab: setup
 	$(BIN)/jupyter lab

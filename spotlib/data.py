@@ -120,7 +120,7 @@ def _image_dataset_arrays(ds_dict, image_size: int, resize: int | None, channels
         if split not in ("train", "test", "val", "validation"):
             continue
         labels = np.asarray(ds[label_column], dtype=np.int64)  # reads the label column only, no image decoding
-        keep = subsets(split, labels)
+        keep = subsets(split, labels, shuffle=True)
         if keep is not None:
             ds, labels = ds.select(keep), labels[keep]
         probe = _load_pil(ds[0][image_column], image_size, resize, channels)
@@ -157,7 +157,10 @@ def build_dataset(
         path: ImageFolder root with ``train/`` and a ``val/`` or ``test/`` split (``imagefolder``).
         hub_id: hub dataset id (``hub``).
         image_size, resize, channels: preprocessing of ``imagefolder``/``hub`` images.
-        train_size, test_size: optional seeded random subsets (None = all).
+        train_size, test_size: optional seeded random subsets (None = all). ``imagefolder`` and ``hub``
+            splits are stored in a seeded random order (their sources list images class by class), so
+            the first n images of a split, which the stages' ``test_size``/``bank_size`` take, are a
+            random sample; Fashion-MNIST keeps its own (already mixed) order.
         train_per_class: keep this many random training images per class (e.g. a kNN bank drawn from
             ImageNet's training split); combined with ``train_size``, the per-class draw comes first.
         workers: processes decoding images (``imagefolder``/``hub``); only the kept rows are decoded.
@@ -169,9 +172,12 @@ def build_dataset(
     rng = np.random.default_rng(seed)
     limits = {"train": (train_size, train_per_class), "test": (test_size, None)}
 
-    def subsets(split: str, labels: np.ndarray) -> np.ndarray | None:
+    def subsets(split: str, labels: np.ndarray, shuffle: bool = False) -> np.ndarray | None:
         split = "test" if split in ("val", "validation") else split
-        return _subset_indices(labels, *limits[split], rng)
+        keep = _subset_indices(labels, *limits[split], rng)
+        if shuffle:  # folders list images class by class: store a random order, so any first n are a random sample
+            keep = rng.permutation(np.arange(len(labels)) if keep is None else keep)
+        return keep
 
     if source == "fashion_mnist":
         arrays, names = _fashion_mnist_arrays(), list(FASHION_MNIST_CLASSES)

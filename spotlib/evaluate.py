@@ -104,10 +104,19 @@ def evaluate(
     if positions is None:
         positions = draw_positions(prior, test, num_tokens, model, seed, saliency_test)
     logits, feats = embed(model, test, positions, batch_size, device)
-    result = {"acc1": 100 * (logits.argmax(1) == test.labels).float().mean().item()}
+    bank_feats = None
     if bank is not None:
         bank_positions = draw_positions(prior, bank, num_tokens, model, seed + 1, saliency_bank)
         _, bank_feats = embed(model, bank, bank_positions, batch_size, device)
+    return top1_and_knn(logits, feats, test, bank, bank_feats, k, temperature)
+
+
+def top1_and_knn(logits: torch.Tensor, feats: torch.Tensor, test: Split, bank: Split | None,
+                 bank_feats: torch.Tensor | None, k: int = 20, temperature: float = 0.07) -> dict[str, float]:
+    """{"acc1": %, "knn": %} from the test split's logits (n, K) and features (n, D), and the bank's
+    features (m, D) (no "knn" when ``bank`` is None)."""
+    result = {"acc1": 100 * (logits.argmax(1) == test.labels).float().mean().item()}
+    if bank is not None:
         preds = knn_predict(bank_feats, bank.labels, feats, len(test.classes), k, temperature)
         result["knn"] = 100 * (preds == test.labels).float().mean().item()
     return result

@@ -11,6 +11,10 @@ A stage runs ``python -m spotlib.pipeline <stage>``: it executes
 resolved stage section plus ``profile`` and ``out_root`` as parameters, and
 writes the executed copy to ``results/notebooks/`` (atomically, so a killed
 run leaves no half-written notebook behind).
+
+``python -m spotlib.pipeline all --profile natural --out-root build/natural``
+runs every stage in order without DVC, writing under another root, so a second
+profile's results can sit beside the workspace's own.
 """
 
 from __future__ import annotations
@@ -87,13 +91,21 @@ def run_stage(stage: str, profile: str | None = None, out_root: str = ".") -> Pa
     return target
 
 
+def stage_names(root: Path | None = None) -> list[str]:
+    """The stages of dvc.yaml, in pipeline order."""
+    root = root or repo_root()
+    return list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run one pipeline stage's notebook with papermill.")
-    parser.add_argument("stage", help="stage name, e.g. backbones (runs notebooks/NN_backbones.ipynb)")
+    parser.add_argument("stage", help="stage name, e.g. backbones (runs notebooks/NN_backbones.ipynb), or 'all'")
     parser.add_argument("--profile", default=None, help="params.yaml profile (default: the file's 'profile')")
     parser.add_argument("--out-root", default=".", help="where results/ and figures/ go (default: the repo root)")
     args = parser.parse_args(argv)
-    print(run_stage(args.stage, args.profile, args.out_root))
+    # 'all' runs every stage in order, outside DVC: for a second profile beside the workspace's own results
+    for stage in stage_names() if args.stage == "all" else [args.stage]:
+        print(run_stage(stage, args.profile, args.out_root), flush=True)
     return 0
 
 

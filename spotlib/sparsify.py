@@ -111,7 +111,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from .data import Split, for_model
-from .evaluate import knn_predict
+from .evaluate import top1_and_knn
 from .oracle import frozen
 from .tokenizer import check_images, grid_positions
 from .train import _atomic_save, one_cycle
@@ -693,12 +693,8 @@ def evaluate_sparsifier(
 ) -> dict[str, float]:
     """{"acc1": %, "knn": %} at budget ``keep``, as :func:`spotlib.evaluate.evaluate` (bank at the same budget)."""
     logits, feats = embed_sparsifier(sparsifier, test, keep, batch_size, device)
-    result = {"acc1": 100 * (logits.argmax(1) == test.labels).float().mean().item()}
-    if bank is not None:
-        _, bank_feats = embed_sparsifier(sparsifier, bank, keep, batch_size, device)
-        preds = knn_predict(bank_feats, bank.labels, feats, len(test.classes), k, temperature)
-        result["knn"] = 100 * (preds == test.labels).float().mean().item()
-    return result
+    bank_feats = None if bank is None else embed_sparsifier(sparsifier, bank, keep, batch_size, device)[1]
+    return top1_and_knn(logits, feats, test, bank, bank_feats, k, temperature)
 
 
 # -- FLOPs ---------------------------------------------------------------------------------

@@ -51,20 +51,27 @@ class SPoTViT(nn.Module):
 
     def __init__(self, model: VisionTransformer, padding: str = "zeros"):
         super().__init__()
-        if not isinstance(model, VisionTransformer):
-            raise TypeError(
-                f"SPoTViT wraps a timm VisionTransformer, got {type(model).__name__}; "
-                "create one with timm.create_model('vit_...')"
-            )
-        patch = model.patch_embed.patch_size
-        if patch[0] != patch[1]:
-            raise ValueError(f"SPoTViT needs square patches, the model has patch size {patch}")
-        if model.pos_embed is None:
-            raise ValueError("SPoTViT needs a learned absolute positional embedding (model.pos_embed is None)")
-        if getattr(model, "dynamic_img_size", False):
-            raise ValueError("models created with dynamic_img_size=True are not supported; positions are continuous already")
+        self._check_model(model)
         self.model = model
         self.padding = padding
+
+    def _check_common(self, model) -> None:
+        """What every view needs: a timm ViT with square patches and a fixed image size."""
+        name = type(self).__name__
+        if not isinstance(model, VisionTransformer):
+            raise TypeError(f"{name} wraps a timm VisionTransformer, got {type(model).__name__}; "
+                            "create one with timm.create_model('vit_...')")
+        patch = model.patch_embed.patch_size
+        if patch[0] != patch[1]:
+            raise ValueError(f"{name} needs square patches, the model has patch size {patch}")
+        if getattr(model, "dynamic_img_size", False):
+            raise ValueError("models created with dynamic_img_size=True are not supported; positions are continuous already")
+
+    def _check_model(self, model) -> None:
+        """Raise if ``model`` cannot be wrapped (subclasses with another tokenizer override this)."""
+        self._check_common(model)
+        if model.pos_embed is None:
+            raise ValueError("SPoTViT needs a learned absolute positional embedding (model.pos_embed is None)")
 
     # -- shape facts -------------------------------------------------------
     @property
@@ -118,10 +125,10 @@ class SPoTViT(nn.Module):
     def _add_prefix_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Prepend class/register tokens as timm's ``_pos_embed`` does."""
         m = self.model
-        prefix = [t.expand(x.shape[0], -1, -1) for t in (m.cls_token, m.reg_token) if t is not None]
+        prefix = [t.expand(x.shape[0], -1, -1).to(x.dtype) for t in (m.cls_token, m.reg_token) if t is not None]
         if prefix:
             prefix = torch.cat(prefix, dim=1)
-            if not m.no_embed_class:
+            if not m.no_embed_class and m.pos_embed is not None:
                 prefix = prefix + m.pos_embed[:, : m.num_prefix_tokens]
             x = torch.cat([prefix, x], dim=1)
         return m.pos_drop(x)

@@ -157,6 +157,27 @@ def test_build_subsets_are_seeded(tmp_path, image_folder, hf_cache):
     assert torch.equal(sa.images, sb.images) and torch.equal(sa.labels, sb.labels)
 
 
+def test_imagefolder_order_is_random_and_per_class_subsets_exact(tmp_path, image_folder, hf_cache):
+    """Folders list images class by class; the built split is a seeded random order (so a stage's first n
+    images are a random sample), every image keeps its label, and train_per_class keeps exactly n per class."""
+    out = build_dataset(tmp_path / "all", "imagefolder", path=str(image_folder), image_size=8, seed=3)
+    train = load_split(out, "train")
+    assert sorted(train.labels.tolist()) == [0, 0, 0, 1, 1, 1] and train.labels.tolist() != sorted(train.labels.tolist())
+    bright = train.images.float().mean((1, 2, 3)) > 128
+    assert torch.equal(bright, train.labels == 0)  # images moved with their labels
+    few = load_split(build_dataset(tmp_path / "few", "imagefolder", path=str(image_folder), image_size=8,
+                                   train_per_class=2, test_size=3), "train")
+    assert few.labels.bincount().tolist() == [2, 2]
+
+
+def test_parallel_decoding_gives_the_same_dataset(tmp_path, image_folder, hf_cache):
+    one = build_dataset(tmp_path / "one", "imagefolder", path=str(image_folder), image_size=8, workers=1)
+    two = build_dataset(tmp_path / "two", "imagefolder", path=str(image_folder), image_size=8, workers=2)
+    for split in ("train", "test"):
+        a, b = load_split(one, split), load_split(two, split)
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+
+
 def test_rebuild_replaces_the_old_dataset(tmp_path, image_folder, hf_cache):
     out = tmp_path / "built"
     build_dataset(out, "imagefolder", path=str(image_folder), image_size=8, train_size=2)
