@@ -111,14 +111,18 @@ def _subset_indices(labels: np.ndarray, size: int | None, per_class: int | None,
 def _image_dataset_arrays(ds_dict, image_size: int, resize: int | None, channels: int, subsets: dict,
                           workers: int = 1, image_column="image", label_column="label",
                           ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
-    """Decode and crop each split's images (only the rows ``subsets[split]`` selects, in ``workers`` processes)."""
+    """Decode and crop the train split and the evaluation split (``validation``, else ``val``, else ``test``:
+    a hub dataset's ``test`` split may be unlabelled when a validation split exists), only the rows
+    ``subsets`` selects, in ``workers`` processes. Returns ({"train"|"test": (images, labels)}, class names)."""
     import datasets
 
     names = ds_dict[next(iter(ds_dict))].features[label_column].names
+    evaluation = next((s for s in ("validation", "val", "test") if s in ds_dict), None)
     out = {}
-    for split, ds in ds_dict.items():
-        if split not in ("train", "test", "val", "validation"):
+    for split, target in (("train", "train"), (evaluation, "test")):
+        if split not in ds_dict:
             continue
+        ds = ds_dict[split]
         labels = np.asarray(ds[label_column], dtype=np.int64)  # reads the label column only, no image decoding
         keep = subsets(split, labels, shuffle=True)
         if keep is not None:
@@ -129,7 +133,7 @@ def _image_dataset_arrays(ds_dict, image_size: int, resize: int | None, channels
             lambda batch: {"image": [_load_pil(im, image_size, resize, channels) for im in batch[image_column]]},
             batched=True, batch_size=64, num_proc=workers if workers > 1 else None, features=features,
             remove_columns=ds.column_names, desc=f"decode {split}")
-        out[split] = (_columns(decoded, ("image",))["image"], labels)
+        out[target] = (_columns(decoded, ("image",))["image"], labels)
     return out, names
 
 

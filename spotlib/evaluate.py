@@ -34,24 +34,26 @@ def draw_positions(
 
 @torch.no_grad()
 def embed(
-    model: SPoTViT, split: Split, positions: torch.Tensor, batch_size: int = 256, device=None, desc: str | None = None,
+    model: SPoTViT, split: Split, positions: torch.Tensor, batch_size: int = 256, device=None, desc: str | None = "embed",
     amp: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (n, K) and pooled features (n, D) of ``split`` at ``positions`` (n, N, 2), float32 on the CPU.
 
     Images are normalised as the model expects (:func:`spotlib.data.for_model`);
-    ``amp``: bfloat16 autocast (default: on CUDA only).
+    ``amp``: bfloat16 autocast (default: on CUDA only). A progress bar in images/s (``desc``; None: none)
+    appears when a call takes longer than two seconds.
     """
     logits, feats = [], []
     split = for_model(split, model)
     with frozen(model), mixed_precision(device, amp):
-        batches = split.batches(batch_size, device)
-        total = -(-len(split) // batch_size)
-        for sl, images, _ in tqdm(batches, total=total, desc=desc, leave=False, disable=desc is None, unit="batch"):
+        bar = tqdm(total=len(split), desc=desc, unit="img", unit_scale=True, leave=False, delay=2, disable=desc is None)
+        for sl, images, _ in split.batches(batch_size, device):
             tokens = model.forward_features(images, positions[sl].to(images.device, non_blocking=True))
             pooled = model.model.forward_head(tokens, pre_logits=True)
             feats.append(pooled.float().cpu())
             logits.append(model.model.head(pooled).float().cpu())
+            bar.update(len(images))
+        bar.close()
     return torch.cat(logits), torch.cat(feats)
 
 
@@ -103,11 +105,11 @@ def evaluate(
     """
     if positions is None:
         positions = draw_positions(prior, test, num_tokens, model, seed, saliency_test)
-    logits, feats = embed(model, test, positions, batch_size, device)
+    logits, feats = embed(model, test, positions, batch_size, device, desc=f"{prior}, {num_tokens} tokens")
     bank_feats = None
     if bank is not None:
         bank_positions = draw_positions(prior, bank, num_tokens, model, seed + 1, saliency_bank)
-        _, bank_feats = embed(model, bank, bank_positions, batch_size, device)
+        _, bank_feats = embed(model, bank, bank_positions, batch_size, device, desc=f"kNN bank, {prior}, {num_tokens} tokens")
     return top1_and_knn(logits, feats, test, bank, bank_feats, k, temperature)
 
 

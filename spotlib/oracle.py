@@ -175,8 +175,10 @@ def spot_on_split(
     if init_positions.shape[0] != len(split):
         raise ValueError(f"init_positions hold {init_positions.shape[0]} images, the split {len(split)}")
     results = []
-    total = -(-len(split) // batch_size)
-    for sl, images, labels in tqdm(split.batches(batch_size, device), total=total, desc=desc, disable=desc is None):
+    bar = tqdm(total=len(split), desc=desc, unit="img", disable=desc is None)
+    for sl, images, labels in split.batches(batch_size, device):
         result = spot_on(model, images, labels, init_positions[sl].to(images.device), steps, lr, **kwargs)
         results.append(OracleResult(*(getattr(result, f).cpu() for f in OracleResult.__dataclass_fields__)))
+        bar.update(len(images))
+    bar.close()
     return OracleResult.cat(results)

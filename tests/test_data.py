@@ -240,3 +240,23 @@ def test_build_fashion_mnist_subset(tmp_path, hf_cache):
     test = load_split(out, "test")
     first = test.images[0, 0].numpy()
     assert any(np.array_equal(first, im) for im in idx)
+
+
+def test_evaluation_split_prefers_validation_over_an_unlabelled_test_split():
+    """Hub ImageNet has train, validation and an unlabelled test split: the labelled validation split is used,
+    and the test split's images are never decoded."""
+    import datasets
+    from PIL import Image
+
+    from spotlib.data import _image_dataset_arrays
+
+    def split(value: int, label: int, n: int = 2) -> datasets.Dataset:
+        images = [Image.new("RGB", (10, 12), (value,) * 3) for _ in range(n)]
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+        return datasets.Dataset.from_dict({"image": images, "label": [label] * n}, features=features)
+
+    ds = datasets.DatasetDict({"train": split(10, 0), "validation": split(200, 1), "test": split(99, 0, n=3)})
+    arrays, names = _image_dataset_arrays(ds, 8, None, 3, lambda name, labels, shuffle: None)
+    assert names == ["a", "b"] and set(arrays) == {"train", "test"}
+    images, labels = arrays["test"]
+    assert labels.tolist() == [1, 1] and (images == 200).all()

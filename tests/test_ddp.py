@@ -221,3 +221,23 @@ def test_torchrun_grid_matches_single_process_with_the_global_batch(workdir, dat
     ddp_log = pd.read_csv(out / "log.csv")
     assert ddp_log.loss.tolist() == pytest.approx(single_log.loss.tolist(), rel=1e-5)
     assert ddp_log.acc.tolist() == pytest.approx(single_log.acc.tolist())
+
+
+def test_torchrun_spot_finetune_on_smoke_data(tmp_path):
+    """`torchrun -m spotlib.finetune` with 2 gloo processes on the smoke profile's data (Fashion-MNIST) and
+    its model A: the SPoT fine-tune of the pipeline, as a user would launch it on many GPUs."""
+    from spotlib.data import build_dataset
+    from spotlib.pipeline import load_params
+
+    params = load_params("smoke", REPO / "params.yaml")
+    data = build_dataset(tmp_path / "data", **{**params["data"], "train_size": 256, "test_size": 64})
+    model = params["backbones"]["models"]["A"]
+    out = tmp_path / "spot"
+    args = ["--data", str(data), "--vit", json.dumps(model["vit"]), "--out", str(out), "--mode", "spot",
+            "--epochs", "1", "--batch-size", "32", "--min-tokens", str(model["spot"]["min_tokens"]),
+            "--max-tokens", str(model["spot"]["max_tokens"]), "--priors", *model["spot"]["priors"]]
+    code, log = torchrun(["-m", "spotlib.finetune"], args)
+    assert code == 0, log[-4000:]
+    epochs = json.loads((out / "log.json").read_text())
+    assert len(epochs) == 1 and np.isfinite(epochs[0]["loss"]) and epochs[0]["images_per_s"] > 0
+    build_vit(model["vit"]).load_state_dict(load(out / "model.safetensors"))  # strict: every weight, right shapes
