@@ -84,7 +84,16 @@ def build_vit(spec: dict) -> VisionTransformer:
     if name is None:
         spec.pop("pretrained", None)
         return VisionTransformer(**spec)
-    model = timm.create_model(name, **spec)
+    try:
+        model = timm.create_model(name, **spec)
+    except Exception as err:
+        if not spec.get("pretrained"):
+            raise
+        raise RuntimeError(
+            f"timm could not load the pretrained weights of {name!r} ({type(err).__name__}: {err}). They are "
+            "downloaded from the Hugging Face hub on first use: run once with internet access, or point timm at a "
+            "local file with pretrained_cfg_overlay={'file': 'path/to/weights.safetensors'} in the spec"
+        ) from err
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"timm model {name!r} is a {type(model).__name__}, not a VisionTransformer")
     return model

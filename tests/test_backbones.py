@@ -177,3 +177,11 @@ def test_mixed_precision_is_close_and_keeps_float32_outputs(rgb_split):
     images = rgb_split.normalise(rgb_split.images)
     res = spot_on(view, images, rgb_split.labels, positions[:, :4], steps=2, lr=0.01, amp=True)
     assert res.positions.dtype == torch.float32 and res.loss.dtype == torch.float32
+
+
+def test_pretrained_timm_weights_offline_fail_clearly(monkeypatch, rgb_split, tmp_path):
+    """The tests run with HF_HUB_OFFLINE=1: a pretrained spec must fail with a message saying what to do."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = {"vit": {"timm_name": "vit_tiny_patch16_224.augreg_in21k_ft_in1k", "pretrained": True}, "grid": None}
+    with pytest.raises(RuntimeError, match="could not load the pretrained weights.*internet.*pretrained_cfg_overlay"):
+        prepare_backbone("T", spec, rgb_split, tmp_path)
