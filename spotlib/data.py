@@ -23,7 +23,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -108,7 +108,7 @@ def _subset_indices(labels: np.ndarray, size: int | None, per_class: int | None,
     return None if len(keep) == len(labels) else keep
 
 
-def _image_dataset_arrays(ds_dict, image_size: int, resize: int | None, channels: int, subsets: dict,
+def _image_dataset_arrays(ds_dict, image_size: int, resize: int | None, channels: int, subsets: Callable,
                           workers: int = 1, image_column="image", label_column="label",
                           ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
     """Decode and crop the train split and the evaluation split (``validation``, else ``val``, else ``test``:

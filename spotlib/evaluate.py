@@ -34,19 +34,18 @@ def draw_positions(
 
 @torch.no_grad()
 def embed(
-    model: SPoTViT, split: Split, positions: torch.Tensor, batch_size: int = 256, device=None, desc: str | None = "embed",
+    model: SPoTViT, split: Split, positions: torch.Tensor, batch_size: int = 256, device=None, desc: str | None = None,
     amp: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (n, K) and pooled features (n, D) of ``split`` at ``positions`` (n, N, 2), float32 on the CPU.
 
     Images are normalised as the model expects (:func:`spotlib.data.for_model`);
-    ``amp``: bfloat16 autocast (default: on CUDA only). A progress bar in images/s (``desc``; None: none)
-    appears when a call takes longer than two seconds.
+    ``amp``: bfloat16 autocast (default: on CUDA only). ``desc``: show a progress bar in images/s.
     """
     logits, feats = [], []
     split = for_model(split, model)
     with frozen(model), mixed_precision(device, amp):
-        bar = tqdm(total=len(split), desc=desc, unit="img", unit_scale=True, leave=False, delay=2, disable=desc is None)
+        bar = tqdm(total=len(split), desc=desc, unit="img", unit_scale=True, leave=False, disable=desc is None)
         for sl, images, _ in split.batches(batch_size, device):
             tokens = model.forward_features(images, positions[sl].to(images.device, non_blocking=True))
             pooled = model.model.forward_head(tokens, pre_logits=True)
@@ -105,11 +104,11 @@ def evaluate(
     """
     if positions is None:
         positions = draw_positions(prior, test, num_tokens, model, seed, saliency_test)
-    logits, feats = embed(model, test, positions, batch_size, device, desc=f"{prior}, {num_tokens} tokens")
+    logits, feats = embed(model, test, positions, batch_size, device)
     bank_feats = None
     if bank is not None:
         bank_positions = draw_positions(prior, bank, num_tokens, model, seed + 1, saliency_bank)
-        _, bank_feats = embed(model, bank, bank_positions, batch_size, device, desc=f"kNN bank, {prior}, {num_tokens} tokens")
+        _, bank_feats = embed(model, bank, bank_positions, batch_size, device)
     return top1_and_knn(logits, feats, test, bank, bank_feats, k, temperature)
 
 
@@ -144,17 +143,23 @@ def sweep(
         saliency: {"test": (n, H, W), "bank": (m, H, W)} maps for the salient prior.
         kwargs: passed to :func:`evaluate` (seed, k, temperature, batch_size, device).
 
+    The progress bar counts runs and shows the last run's throughput (test and bank images per second).
+
     Returns:
         Tidy DataFrame with columns backbone, model, prior, oracle, tokens, metric, value (%).
     """
     saliency = saliency or {}
     runs = [(m, p, n) for m in models for p in priors[m] for n in budgets]
     rows = []
-    for model_name, prior, n in tqdm(runs, desc=f"sweep {backbone}".strip()):
+    bar = tqdm(runs, desc=f"sweep {backbone}".strip())
+    images = len(test) + (len(bank) if bank is not None else 0)
+    for model_name, prior, n in bar:
         sal = {"saliency_test": saliency.get("test"), "saliency_bank": saliency.get("bank")} if prior == "salient" else {}
+        start = time.perf_counter()
         for metric, value in evaluate(models[model_name], test, bank, prior, n, **sal, **kwargs).items():
             rows.append(dict(backbone=backbone, model=model_name, prior=prior,
                              oracle=prior in USES_EXTERNAL_MODEL, tokens=n, metric=metric, value=value))
+        bar.set_postfix_str(f"{model_name} {prior} {n} tokens: {images / (time.perf_counter() - start):,.0f} img/s")
     return pd.DataFrame(rows)
 
 
