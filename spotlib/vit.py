@@ -107,7 +107,10 @@ class SPoTViT(nn.Module):
         windows = sample_windows(images, positions, self.window, self.padding)
         x = F.linear(windows, proj.weight.flatten(1), proj.bias)
         x = self.model.patch_embed.norm(x)
-        return x + self.interpolate_pos_embed(positions.to(x.dtype))
+        # Interpolate at full precision even under bfloat16 autocast (bf16 would move a position by up to
+        # ~1 px at 224 px); float64 stays float64 (gradcheck).
+        pos_dtype = torch.promote_types(x.dtype, torch.float32)
+        return x + self.interpolate_pos_embed(positions.to(pos_dtype)).to(x.dtype)
 
     def interpolate_pos_embed(self, positions: torch.Tensor) -> torch.Tensor:
         """Learned grid positional embedding at continuous positions: (B, N, D)."""
