@@ -1,24 +1,42 @@
-# make repro : set up (once) and run the whole pipeline (dvc repro, embedded profile)
+# make repro : set up (once) and run the whole pipeline: dvc repro (embedded profile, ~13 min on 2 cores)
+# make repro PROFILE=smoke : the same pipeline on another profile, as a DVC experiment in a temporary copy
+#              (dvc exp run --temp -S profile=...; the workspace's results stay as they are; see dvc exp show)
 # make test  : set up (once) and run the unit tests and the stored notebooks (nbval)
+# Every target runs with .venv/bin first on PATH, so DVC's stage commands (`python -m spotlib.pipeline ...`)
+# use the project's environment without activating it.
 VENV := .venv
-BIN := $(VENV)/bin
+export VIRTUAL_ENV := $(CURDIR)/$(VENV)
+export PATH := $(VIRTUAL_ENV)/bin:$(PATH)
+PROFILE ?=
 
-.PHONY: setup repro test bench bench-gpu lab
+.PHONY: setup repro test check bench bench-gpu lab constraints
 setup: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml scripts/setup.sh
+$(VENV)/.installed: pyproject.toml constraints.txt scripts/setup.sh
 	bash scripts/setup.sh
 
 repro: setup
-	$(BIN)/dvc repro
+ifeq ($(PROFILE),)
+	dvc repro
+else
+	dvc exp run --temp -S profile=$(PROFILE)
+endif
 
 test: setup
-	$(BIN)/pytest --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
+	pytest --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
+
+check: setup  # validate params.yaml (every profile) without running anything
+	python -m spotlib.pipeline check
 
 bench: setup
-	$(BIN)/python benchmarks/tokenizer.py
+	python benchmarks/tokenizer.py
 
 bench-gpu: setup  # evaluation and SPoT-ON images/s per budget (ViT-B/16, 224 px); CPU sizes without a GPU
-	$(BIN)/python benchmarks/throughput.py
+	python benchmarks/throughput.py
 
 lab: setup
-	$(BIN)/jupyter lab
+	jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root,)
+
+constraints: setup  # pin the environment's current versions (after an upgrade; then rerun the pipeline)
+	{ sed -n '1,3p' constraints.txt; echo "pip==$$(pip --version | cut -d' ' -f2)"; \
+	  pip freeze --exclude-editable | grep -v '^spotlib'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt

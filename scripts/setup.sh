@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-time set-up on a fresh machine: the offline dataset (Debian) and a
-# virtual environment with spotlib and every tool the pipeline and tests use.
+# virtual environment with spotlib and every tool the pipeline and tests use,
+# at the exact versions in constraints.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,9 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
 fi
 
 python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q -c constraints.txt --upgrade pip
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
 touch .venv/.installed
+# conda env create -f environment.yml && conda activate spot
+# (equivalent to `make setup`, which uses a venv; Fashion-MNIST comes from the
+# Debian package dataset-fashion-mnist or, online, from the Hugging Face hub)

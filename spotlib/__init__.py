@@ -13,7 +13,14 @@ Positions are (B, N, 2) token centres, (y, x) normalised to [0, 1]; see
 :mod:`spotlib.tokenizer` for the coordinate convention.
 """
 
-from .evaluate import embed, evaluate, knn_predict, sweep
+try:
+    from .evaluate import embed, evaluate, knn_predict, sweep
+except ModuleNotFoundError as err:  # e.g. DVC's `python` resolved to the system interpreter, not the project's
+    import sys
+
+    raise ModuleNotFoundError(
+        f"spotlib needs {err.name!r}, which {sys.executable} does not have: use the project's environment "
+        "(make setup, then make repro / make test, or put .venv/bin first on PATH)", name=err.name) from err
 from .oracle import OracleResult, evaluate_positions, spot_on
 from .priors import PRIORS, register_prior, sample_positions
 from .tokenizer import grid_positions, sample_windows
