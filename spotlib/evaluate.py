@@ -17,15 +17,26 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import Split, for_model
-from .oracle import frozen, mixed_precision
+from .oracle import check_positive, frozen, mixed_precision
 from .priors import USES_EXTERNAL_MODEL, sample_positions
+from .tokenizer import check_positions
+from .utils import check_int
 from .vit import SPoTViT
+
+
+def check_not_empty(split: Split, what: str) -> None:
+    """Raise a clear error for a split without images (rather than a confusing one further down,
+    such as a batch size of 0 when the positions are drawn)."""
+    if len(split) == 0:
+        raise ValueError(f"the {what} is empty (0 images); it needs at least one image "
+                         "(check the test_size / bank_size that selected it)")
 
 
 def draw_positions(
     prior: str, split: Split, num_tokens: int, model: SPoTViT, seed: int = 0, saliency: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Positions (n, N, 2) for every image of ``split``, independent of batch size."""
+    """Positions (n, N, 2) for every image of ``split`` (n >= 1), independent of batch size."""
+    check_not_empty(split, "split")
     return sample_positions(
         prior, len(split), num_tokens, seed=seed, image_size=split.image_size,
         grid_size=model.grid_size, saliency=saliency,
@@ -42,6 +53,11 @@ def embed(
     Images are normalised as the model expects (:func:`spotlib.data.for_model`);
     ``amp``: bfloat16 autocast (default: on CUDA only). ``desc``: show a progress bar in images/s.
     """
+    check_not_empty(split, "split")
+    check_positions(positions, name="positions")
+    if positions.shape[0] != len(split):
+        raise ValueError(f"positions hold {positions.shape[0]} images, the split {len(split)}")
+    batch_size = check_int(batch_size, "batch_size", 1)
     logits, feats = [], []
     split = for_model(split, model)
     with frozen(model), mixed_precision(device, amp):
@@ -65,11 +81,31 @@ def knn_predict(
     temperature: float = 0.07,
     chunk: int = 1024,
 ) -> torch.Tensor:
-    """Weighted kNN labels (q,) for query features (q, D) against a bank (n, D), labels (n,)."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    """Weighted kNN labels (q,) for query features (q, D) against a bank (n, D), labels (n,).
+
+    ``k`` >= 1 (at most n are used), ``temperature`` > 0, bank labels in [0, num_classes - 1], n >= 1.
+    """
+    k = check_int(k, "k", 1)
+    num_classes = check_int(num_classes, "num_classes", 1)
+    chunk = check_int(chunk, "chunk", 1)
+    check_positive(temperature, "temperature")  # T <= 0 would invert or break the exp(sim / T) weights
+    if bank_features.ndim != 2 or query_features.ndim != 2 or bank_labels.ndim != 1:
+        raise ValueError(f"expected bank_features (n, D), bank_labels (n,) and query_features (q, D), got shapes "
+                         f"{tuple(bank_features.shape)}, {tuple(bank_labels.shape)} and {tuple(query_features.shape)}")
     if bank_features.shape[0] != bank_labels.shape[0]:
         raise ValueError("bank_features and bank_labels hold different numbers of samples")
+    if bank_features.shape[0] == 0:  # would vote for nothing and predict class 0 for every query
+        raise ValueError("the kNN bank is empty (0 samples); kNN needs at least one bank feature")
+    if bank_features.shape[1] != query_features.shape[1]:
+        raise ValueError(f"bank and query features differ in dimension: {bank_features.shape[1]} vs "
+                         f"{query_features.shape[1]}")
+    if bank_labels.is_floating_point() or bank_labels.dtype == torch.bool:
+        raise TypeError(f"bank_labels must be an integer tensor of class indices, got dtype {bank_labels.dtype}")
+    if bank_labels.min() < 0 or bank_labels.max() >= num_classes:
+        raise ValueError(f"bank_labels must be class indices in [0, {num_classes - 1}] (num_classes={num_classes}), "
+                         f"got values in [{int(bank_labels.min())}, {int(bank_labels.max())}]")
+    if query_features.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long)
     k = min(k, bank_features.shape[0])
     bank = F.normalize(bank_features.float(), dim=1)
     preds = []
@@ -101,7 +137,14 @@ def evaluate(
 
     ``positions`` (n, N, 2) overrides the prior for the test split (e.g. oracle
     positions); the kNN bank always uses the prior. ``bank=None`` skips kNN.
+    ``test`` and ``bank`` must hold at least one image each.
     """
+    # Fail before the (possibly long) embedding, not after it.
+    check_not_empty(test, "test split")
+    if bank is not None:
+        check_not_empty(bank, "kNN bank split")
+        check_int(k, "k", 1)
+        check_positive(temperature, "temperature")
     if positions is None:
         positions = draw_positions(prior, test, num_tokens, model, seed, saliency_test)
     logits, feats = embed(model, test, positions, batch_size, device)
@@ -167,6 +210,7 @@ def sweep(
 def images_per_second(forward, num_images: int, repeats: int = 3) -> float:
     """Throughput of ``forward()`` (a call that processes ``num_images`` images): best of ``repeats``
     timed calls after one warm-up call (CUDA is synchronised when available)."""
+    repeats = check_int(repeats, "repeats", 1)  # 0 would report 0 images/s
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     forward()
     best = float("inf")

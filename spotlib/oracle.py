@@ -7,12 +7,16 @@ trajectory does not depend on its batch mates or on the batch size.
 
 from __future__ import annotations
 
+import math
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .tokenizer import check_images, check_positions
+from .utils import check_int
 from .vit import SPoTViT
 
 
@@ -64,6 +68,37 @@ def frozen(model: torch.nn.Module):
             m.training = mode
 
 
+def check_positive(value: float, name: str) -> None:
+    """Raise a clear error unless ``value`` is a finite real number > 0 (a step size, a temperature)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite number > 0, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_labels(labels: torch.Tensor, batch_size: int) -> None:
+    """Raise a clear error unless ``labels`` is an integer tensor of shape (batch_size,)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of class indices, shape (B,), got {type(labels).__name__}")
+    if labels.shape != (batch_size,):
+        raise ValueError(f"labels must have shape (B,) = ({batch_size},), got {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer (int64) tensor of class indices, got dtype {labels.dtype}")
+
+
+def check_label_range(labels: torch.Tensor, num_classes: int) -> None:
+    """Raise unless every label is a class index in [0, num_classes - 1].
+
+    Cross-entropy would silently ignore -100 (its ``ignore_index``: loss 0, the positions of
+    that image never move) and fail obscurely on other out-of-range values (a device assert on CUDA).
+    """
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        values = sorted(set(labels[bad].tolist()))
+        raise ValueError(f"labels must be class indices in [0, {num_classes - 1}] (the model has {num_classes} "
+                         f"classes), got {values[:5]}{' ...' if len(values) > 5 else ''}")
+
+
 def mixed_precision(device, amp: bool | None = None):
     """bfloat16 autocast on CUDA (``amp=None``: on iff ``device`` is a CUDA device; True elsewhere uses the
     CPU's bfloat16 autocast, for tests); a no-op context when off."""
@@ -88,10 +123,11 @@ def spot_on(
     Args:
         model: SPoT view of a trained ViT (frozen during the search).
         images: (B, C, H, W) model-ready float images.
-        labels: (B,) int64 true labels.
-        init_positions: (B, N, 2) starting positions (e.g. a prior's draw).
-        steps: number of AdamW steps (0 evaluates the start only).
-        lr: step size in normalised coordinates (3e-3 at 224 px ~ 0.7 px/step).
+        labels: (B,) int64 true labels, each in [0, num_classes - 1] (checked against the logits).
+        init_positions: (B, N, 2) finite starting positions (e.g. a prior's draw); values
+            outside [0, 1] are clamped into it.
+        steps: number of AdamW steps, an int >= 0 (0 evaluates the start only).
+        lr: step size in normalised coordinates, > 0 (3e-3 at 224 px ~ 0.7 px/step).
         weight_decay: AdamW decay on the positions (default 0: decay would
             pull positions towards the (0, 0) corner).
         movable: optional bool mask (N,) or (B, N) of the tokens allowed to
@@ -102,10 +138,12 @@ def spot_on(
 
     Positions are clamped to [0, 1] after every step.
     """
-    if labels.shape != (images.shape[0],):
-        raise ValueError(f"labels must have shape (B,) = ({images.shape[0]},), got {tuple(labels.shape)}")
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+    check_images(images)
+    check_labels(labels, images.shape[0])
+    # Before the clamp below: clamping would turn +-inf into a corner and NaN into who knows what.
+    check_positions(init_positions, images.shape[0], name="init_positions")
+    steps = check_int(steps, "steps", 0)
+    check_positive(lr, "lr")
     start = init_positions.detach().float().clamp(0, 1)
     positions = start.clone().requires_grad_(True)
     if movable is not None:
@@ -116,6 +154,8 @@ def spot_on(
         for step in range(steps + 1):
             with mixed_precision(images.device, amp):
                 logits = model(images, positions).float()
+            if step == 0:  # the logits give the class count whatever the model; one check per call
+                check_label_range(labels, logits.shape[-1])
             loss = F.cross_entropy(logits, labels, reduction="none")
             trajectory.append(positions.detach().clone())
             losses.append(loss.detach())
@@ -164,14 +204,17 @@ def spot_on_split(
 ) -> OracleResult:
     """:func:`spot_on` over a whole :class:`spotlib.data.Split` in batches (tqdm progress).
 
-    ``init_positions`` is (n, N, 2) for the n images of the split; results are on the CPU.
+    ``init_positions`` is (n, N, 2) for the n images of the split (n >= 1); results are on the CPU.
     Images are normalised as the model expects (:func:`spotlib.data.for_model`).
     """
     from tqdm.auto import tqdm
 
     from .data import for_model
 
+    if len(split) == 0:
+        raise ValueError("the split is empty (0 images); SPoT-ON needs at least one image")
     split = for_model(split, model)
+    check_positions(init_positions, name="init_positions")
     if init_positions.shape[0] != len(split):
         raise ValueError(f"init_positions hold {init_positions.shape[0]} images, the split {len(split)}")
     results = []

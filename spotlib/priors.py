@@ -34,7 +34,8 @@ from typing import Callable
 
 import torch
 
-from .tokenizer import grid_positions
+from .tokenizer import check_size, grid_positions
+from .utils import check_int
 
 PriorFn = Callable[..., torch.Tensor]
 PRIORS: dict[str, PriorFn] = {}
@@ -58,7 +59,8 @@ def make_generator(seed: int | torch.Generator | None) -> torch.Generator:
     """A CPU generator from an int seed (or the generator itself; None = seed 0)."""
     if isinstance(seed, torch.Generator):
         return seed
-    return torch.Generator().manual_seed(0 if seed is None else int(seed))
+    # check_int, not int(): int() would silently truncate a float seed such as 1.5
+    return torch.Generator().manual_seed(0 if seed is None else check_int(seed, "seed"))
 
 
 def sample_positions(
@@ -79,8 +81,8 @@ def sample_positions(
         batch_size: B, number of images.
         num_tokens: N >= 1 tokens per image.
         seed: int seed or ``torch.Generator`` for the random priors.
-        image_size: (H, W); only the aspect ratio matters (isotropic, center).
-        grid_size: (gh, gw) of the patch grid; required by ``grid``.
+        image_size: (H, W), positive ints; only the aspect ratio matters (isotropic, center).
+        grid_size: (gh, gw) of the patch grid, positive ints; required by ``grid``.
         saliency: (B, H, W) non-negative maps; required by ``salient``.
         device: where the result goes (drawn on the CPU for reproducibility).
 
@@ -89,10 +91,11 @@ def sample_positions(
     """
     if prior not in PRIORS:
         raise ValueError(f"unknown prior {prior!r}; valid choices: {', '.join(sorted(PRIORS))}")
-    if not isinstance(num_tokens, int) or num_tokens < 1:
-        raise ValueError(f"num_tokens must be an int >= 1, got {num_tokens!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    num_tokens = check_int(num_tokens, "num_tokens", 1)
+    batch_size = check_int(batch_size, "batch_size", 1)
+    image_size = check_size(image_size, "image_size")
+    if grid_size is not None:
+        grid_size = check_size(grid_size, "grid_size")
     out = PRIORS[prior](
         batch_size, num_tokens, make_generator(seed), image_size=image_size, grid_size=grid_size, saliency=saliency
     )
@@ -119,7 +122,8 @@ def sobol(batch_size: int, num_tokens: int, generator: torch.Generator, **_) -> 
 
 def isotropic_lattice(num_tokens: int, image_size: tuple[int, int] = (1, 1)) -> torch.Tensor:
     """The deterministic even lattice of the ``isotropic`` prior, (N, 2)."""
-    H, W = image_size
+    num_tokens = check_int(num_tokens, "num_tokens", 1)
+    H, W = check_size(image_size, "image_size")
     rows = min(num_tokens, max(1, round(math.sqrt(num_tokens * H / W))))
     bounds = [(j * num_tokens) // rows for j in range(rows + 1)]
     points = []
@@ -174,7 +178,7 @@ def grid(
 ) -> torch.Tensor:
     if grid_size is None:
         raise ValueError("the 'grid' prior needs grid_size=(gh, gw) of the model's patch grid")
-    gh, gw = grid_size
+    gh, gw = check_size(grid_size, "grid_size")
     if num_tokens > gh * gw:
         raise ValueError(f"the 'grid' prior keeps at most gh * gw = {gh * gw} patches, asked for {num_tokens}")
     centres = grid_positions((gh, gw))[0]  # (G, 2)

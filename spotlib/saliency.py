@@ -28,7 +28,8 @@ spectral_residual  :class:`SpectralResidualSaliency`, the model-free spectral
 :func:`default_saliency_source` picks img_focus when it is installed, else the
 spectral residual (with a warning). :func:`compute_saliency` maps a whole
 :class:`~spotlib.data.Split`; :func:`save_saliency` / :func:`load_saliency`
-store maps as float16 safetensors.
+store maps as float16 safetensors (same maps and metadata, same bytes), and
+:func:`load_saliency_metadata` reads the metadata back.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
@@ -45,13 +45,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .utils import check_int, load_safetensors, read_safetensors_metadata, save_safetensors
+
 __all__ = [
     "SALIENCY_SOURCES", "ImgFocusSaliency", "SaliencyModelUnavailable", "SaliencySource",
     "SpectralResidualSaliency", "compute_saliency", "default_saliency_source", "get_saliency_source",
-    "load_saliency", "normalise_maps", "register_saliency_source", "save_saliency",
+    "load_saliency", "load_saliency_metadata", "normalise_maps", "register_saliency_source", "save_saliency",
 ]
 
 INSTALL_HINT = "install it with: pip install img-focus   (or: pip install 'spotlib[saliency]')"
+COMPUTE_HINT = ("compute the maps first (compute_saliency + save_saliency; the pipeline's saliency stage: "
+                "dvc repro saliency)")
 SAFETENSORS_KEY = "saliency"
 
 
@@ -196,10 +200,8 @@ class ImgFocusSaliency:
     IMG_STD = (0.229, 0.224, 0.225)
 
     def __init__(self, model_path: str | os.PathLike | None = None, num_threads: int = 2, max_batch: int = 32):
-        if not isinstance(num_threads, int) or num_threads < 1:
-            raise ValueError(f"num_threads must be an int >= 1, got {num_threads!r}")
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        num_threads = check_int(num_threads, "num_threads", 1)
+        max_batch = check_int(max_batch, "max_batch", 1)
         try:
             import cv2  # noqa: F401  (a dependency of img-focus, used for the exact preprocessing)
             import onnxruntime as ort
@@ -352,8 +354,7 @@ class SpectralResidualSaliency:
     LUMA = (0.299, 0.587, 0.114)
 
     def __init__(self, working_size: int = 64, sigma: float = 2.5, log_floor: float = 1e-2):
-        if not isinstance(working_size, int) or working_size < 2:
-            raise ValueError(f"working_size must be an int >= 2, got {working_size!r}")
+        working_size = check_int(working_size, "working_size", 2)
         if not sigma > 0:
             raise ValueError(f"sigma must be > 0, got {sigma!r}")
         self.working_size = working_size
@@ -432,8 +433,7 @@ def compute_saliency(
         source = get_saliency_source(source)
     images = getattr(split_or_images, "images", split_or_images)
     check_uint8_images(images)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    batch_size = check_int(batch_size, "batch_size", 1)
     n, _, H, W = images.shape
     out = torch.empty(n, H, W, dtype=torch.float32)
     label = desc or f"saliency {getattr(source, 'name', type(source).__name__)}"
@@ -451,41 +451,39 @@ def compute_saliency(
 def save_saliency(path: str | os.PathLike, maps: torch.Tensor, metadata: dict[str, str] | None = None) -> Path:
     """Write maps (n, H, W) to a safetensors file (key ``saliency``) as float16, atomically.
 
-    The file is written to a temporary name beside ``path`` and moved into
-    place with ``os.replace``, so readers never see a partial file. float16
-    keeps values in [0, 1] to about 5e-4. Returns the path.
+    Written with :func:`spotlib.utils.save_safetensors`: a temporary file beside ``path`` moved
+    into place (readers never see a partial file), mode 0644, and the same maps and metadata
+    always give the same bytes (safetensors itself writes a metadata mapping of several keys in
+    a random order, which changed the file, and DVC's hash, on every run). ``metadata`` values
+    are stored as strings; read them back with :func:`load_saliency_metadata`. float16 keeps
+    values in [0, 1] to about 5e-4. Returns the path.
     """
-    from safetensors.torch import save_file
-
     if not isinstance(maps, torch.Tensor) or maps.ndim != 3:
         raise ValueError(f"maps must be a tensor of shape (n, H, W), got {getattr(maps, 'shape', type(maps))}")
     if not torch.isfinite(maps).all():
         raise ValueError("saliency maps contain NaN or infinite values")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({SAFETENSORS_KEY: maps.detach().cpu().to(torch.float16).contiguous()}, tmp,
-                  metadata={str(k): str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_safetensors({SAFETENSORS_KEY: maps.detach().cpu().to(torch.float16)}, path,
+                     {str(k): str(v) for k, v in (metadata or {}).items()})
     return path
 
 
 def load_saliency(path: str | os.PathLike) -> torch.Tensor:
-    """Read maps written by :func:`save_saliency`: float32 CPU tensor (n, H, W)."""
-    from safetensors import safe_open
+    """Read maps written by :func:`save_saliency`: float32 CPU tensor (n, H, W).
 
+    Raises FileNotFoundError (no file) or ValueError (a corrupt file, or not saliency maps), naming the file.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no saliency maps at {path}; compute them first (compute_saliency + save_saliency)")
-    with safe_open(str(path), framework="pt") as f:
-        if SAFETENSORS_KEY not in f.keys():
-            raise ValueError(f"{path} holds no {SAFETENSORS_KEY!r} tensor (keys: {list(f.keys())})")
-        maps = f.get_tensor(SAFETENSORS_KEY)
+    tensors = load_safetensors(path, COMPUTE_HINT)
+    if SAFETENSORS_KEY not in tensors:
+        raise ValueError(f"{path} holds no {SAFETENSORS_KEY!r} tensor (keys: {sorted(tensors)}); {COMPUTE_HINT}")
+    maps = tensors[SAFETENSORS_KEY]
     if maps.ndim != 3:
         raise ValueError(f"{path}: expected saliency maps (n, H, W), got shape {tuple(maps.shape)}")
     return maps.float()
+
+
+def load_saliency_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``metadata`` given to :func:`save_saliency` (also for files written before it stored
+    metadata deterministically: their plain safetensors header is returned as is)."""
+    return read_safetensors_metadata(path, COMPUTE_HINT)

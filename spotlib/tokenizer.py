@@ -17,36 +17,62 @@ padding of a convolution, i.e. value 0 in the model's normalised input space),
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+
+from .utils import check_int
 
 PADDING_MODES = ("zeros", "border", "reflection")
 
 
-def check_positions(positions: torch.Tensor, batch_size: int | None = None) -> None:
-    """Raise a clear error unless ``positions`` is a finite float (B, N, 2) tensor with N >= 1."""
+def check_positions(positions: torch.Tensor, batch_size: int | None = None, name: str = "positions") -> None:
+    """Raise a clear error unless ``positions`` is a finite float (B, N, 2) tensor with N >= 1
+    (and B = ``batch_size`` if given); ``name`` is the argument the messages name."""
     if not isinstance(positions, torch.Tensor):
-        raise TypeError(f"positions must be a torch.Tensor of shape (B, N, 2), got {type(positions).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, N, 2), got {type(positions).__name__}")
     if positions.ndim != 3 or positions.shape[-1] != 2:
-        raise ValueError(f"positions must have shape (B, N, 2) with (y, x) in [0, 1], got {tuple(positions.shape)}")
+        raise ValueError(f"{name} must have shape (B, N, 2) with (y, x) in [0, 1], got {tuple(positions.shape)}")
     if not positions.is_floating_point():
-        raise TypeError(f"positions must be a floating-point tensor, got dtype {positions.dtype}")
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {positions.dtype}")
     if positions.shape[1] == 0:
-        raise ValueError("positions hold N = 0 tokens; at least one token per image is required")
+        raise ValueError(f"{name} hold N = 0 tokens; at least one token per image is required")
     if batch_size is not None and positions.shape[0] != batch_size:
-        raise ValueError(f"positions are for {positions.shape[0]} images but the batch holds {batch_size}")
+        raise ValueError(f"{name} are for {positions.shape[0]} images but the batch holds {batch_size}")
     if not torch.isfinite(positions).all():
-        raise ValueError("positions contain NaN or infinite values")
+        raise ValueError(f"{name} contain NaN or infinite values; token positions must be finite, (y, x) in [0, 1]")
 
 
 def check_images(images: torch.Tensor) -> None:
-    """Raise a clear error unless ``images`` is a float (B, C, H, W) tensor."""
+    """Raise a clear error unless ``images`` is a float (B, C, H, W) tensor with H, W >= 1."""
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}")
     if images.ndim != 4:
         raise ValueError(f"images must have shape (B, C, H, W), got {tuple(images.shape)}")
     if not images.is_floating_point():
         raise TypeError(f"images must be a floating-point tensor (normalise uint8 first), got dtype {images.dtype}")
+    if images.shape[-2] < 1 or images.shape[-1] < 1:
+        raise ValueError(f"images must be at least 1 x 1 pixels, got shape {tuple(images.shape)}")
+
+
+def check_size(size: Any, name: str) -> tuple[int, int]:
+    """``size`` (an image size or a patch grid) as a pair of Python ints (height, width), each >= 1.
+
+    NumPy and torch integers are accepted (as by :func:`spotlib.utils.check_int`); a zero
+    side would divide by zero downstream (aspect ratios, cell sizes), so it is refused here.
+    """
+    message = f"{name} must be a pair (height, width) of integers >= 1, got {size!r}"
+    try:
+        pair = tuple(size)
+    except TypeError:
+        raise TypeError(message) from None
+    if len(pair) != 2:
+        raise ValueError(message)
+    try:
+        return check_int(pair[0], name, 1), check_int(pair[1], name, 1)
+    except (TypeError, ValueError) as err:
+        raise type(err)(message) from None
 
 
 def sample_windows(
@@ -74,8 +100,7 @@ def sample_windows(
     check_positions(positions, images.shape[0])
     if padding not in PADDING_MODES:
         raise ValueError(f"unknown padding {padding!r}; valid choices: {', '.join(PADDING_MODES)}")
-    if not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be a positive int, got {window!r}")
+    window = check_int(window, "window", 1)
     B, C, H, W = images.shape
     N, k = positions.shape[1], window
     positions = positions.to(images.dtype)
@@ -103,7 +128,8 @@ def grid_positions(grid_size: tuple[int, int], batch_size: int = 1, device=None,
     Raster order (row-major, y then x) is the order of timm's flattened patch
     tokens, so these positions reproduce ``timm_model(images)`` exactly.
     """
-    gh, gw = grid_size
+    gh, gw = check_size(grid_size, "grid_size")
+    batch_size = check_int(batch_size, "batch_size", 0)  # 0: an empty batch; negative would broadcast silently
     ys = (torch.arange(gh, device=device, dtype=dtype) + 0.5) / gh
     xs = (torch.arange(gw, device=device, dtype=dtype) + 0.5) / gw
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
@@ -117,6 +143,7 @@ def snap_to_grid(positions: torch.Tensor, grid_size: tuple[int, int]) -> torch.T
     The grid-quantised counterpart of a subpixel placement (the paper's
     misalignment argument): same budget, but every window is a grid patch.
     """
+    grid_size = check_size(grid_size, "grid_size")
     size = torch.tensor(grid_size, dtype=positions.dtype, device=positions.device)
     cell = (positions * size).floor().clamp(min=torch.zeros_like(size), max=size - 1)
     return (cell + 0.5) / size

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from .tokenizer import check_images, check_positions, grid_positions, sample_windows
+from .tokenizer import PADDING_MODES, check_images, check_positions, grid_positions, sample_windows
 
 
 class SPoTViT(nn.Module):
@@ -35,10 +35,12 @@ class SPoTViT(nn.Module):
     Args:
         model: a timm ``VisionTransformer`` (class token or global pooling,
             any image size, square patch size, any channel count).
-        padding: border behaviour of overhanging windows (see
+        padding: border behaviour of overhanging windows, one of ``PADDING_MODES`` (see
             :func:`spotlib.tokenizer.sample_windows`).
 
-    ``forward(images, positions)`` returns logits (B, num_classes);
+    ``forward(images, positions)`` returns logits (B, num_classes) for images of the
+    wrapped model's size, (B, in_chans, *image_size) (as timm's own forward, any other
+    size or channel count is refused);
     ``features(images, positions)`` the pooled pre-logit features (B, D).
 
     ``input_stats``: the per-channel (mean, std) the wrapped model expects its
@@ -52,6 +54,8 @@ class SPoTViT(nn.Module):
     def __init__(self, model: VisionTransformer, padding: str = "zeros"):
         super().__init__()
         self._check_model(model)
+        if padding not in PADDING_MODES:
+            raise ValueError(f"unknown padding {padding!r}; valid choices: {', '.join(PADDING_MODES)}")
         self.model = model
         self.padding = padding
 
@@ -89,6 +93,30 @@ class SPoTViT(nn.Module):
         return self.model.patch_embed.proj.in_channels
 
     @property
+    def image_size(self) -> tuple[int, int] | None:
+        """(H, W) the wrapped model was built for (its ``img_size``), or None if it has none."""
+        size = self.model.patch_embed.img_size
+        return None if size is None else tuple(size)
+
+    def check_input(self, images: torch.Tensor) -> None:
+        """Raise a clear error unless ``images`` is a float (B, in_chans, *image_size) tensor.
+
+        The positions are normalised, so the tokenizer would sample any image size without
+        complaint; but the learned patch weights and positional grid belong to one pixel
+        scale, so another size (e.g. 56 x 56 into a 28-px model) gives silently wrong tokens.
+        """
+        check_images(images)
+        size = self.image_size
+        C, H, W = images.shape[1:]
+        expected = f"(B, {self.in_chans}, {size[0]}, {size[1]})" if size else f"(B, {self.in_chans}, H, W)"
+        if C != self.in_chans:
+            raise ValueError(f"images have {C} channels but the model expects {self.in_chans}: "
+                             f"images must be {expected}, got {tuple(images.shape)}")
+        if size is not None and (H, W) != size:
+            raise ValueError(f"images are {H}x{W} pixels but the model expects {size[0]}x{size[1]} (its img_size): "
+                             f"images must be {expected}, got {tuple(images.shape)}; resize or crop them first")
+
+    @property
     def num_grid_tokens(self) -> int:
         return self.grid_size[0] * self.grid_size[1]
 
@@ -99,10 +127,8 @@ class SPoTViT(nn.Module):
     # -- forward -----------------------------------------------------------
     def embed_tokens(self, images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Patch embedding + positional embedding of N tokens: (B, N, D)."""
-        check_images(images)
+        self.check_input(images)
         check_positions(positions, images.shape[0])
-        if images.shape[1] != self.in_chans:
-            raise ValueError(f"images have {images.shape[1]} channels but the model expects {self.in_chans}")
         proj = self.model.patch_embed.proj
         windows = sample_windows(images, positions, self.window, self.padding)
         x = F.linear(windows, proj.weight.flatten(1), proj.bias)

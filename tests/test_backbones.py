@@ -132,7 +132,7 @@ def test_probe_fits_separable_features(rgb_split):
 
 
 def test_prepare_errors(tmp_path, rgb_split):
-    with pytest.raises(ValueError, match="unknown keys \\['epochs'\\]"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) 'epochs'; valid: vit, normalisation, grid, probe, spot"):
         prepare_backbone("A", {"vit": TINY_VIT, "epochs": 3}, rgb_split, tmp_path)
     with pytest.raises(ValueError, match="10 output classes, the dataset 3.*probe"):
         prepare_backbone("A", {"vit": {**TINY_VIT, "num_classes": 10}, "grid": None}, rgb_split, tmp_path)

@@ -42,14 +42,14 @@ ENTRY = textwrap.dedent(f"""
 
     kill = os.environ.get("SPOTLIB_TEST_KILL_AFTER_EPOCH")
     if kill is not None:
-        real = T._atomic_save
+        real = T.save_state
 
-        def save(obj, path, *args, **kwargs):
-            real(obj, path, *args, **kwargs)
-            if path.name == "state.pt" and obj["epoch"] == int(kill):
+        def save(obj, path):
+            real(obj, path)
+            if os.path.basename(path) == "state.pt" and obj["epoch"] == int(kill):
                 os._exit({KILL_EXIT})
 
-        T._atomic_save = save
+        T.save_state = save
     model, log = main(sys.argv[1:])
     copies = os.environ.get("SPOTLIB_TEST_RANK_COPIES")
     if copies:
@@ -239,5 +239,5 @@ def test_torchrun_spot_finetune_on_smoke_data(tmp_path):
     code, log = torchrun(["-m", "spotlib.finetune"], args)
     assert code == 0, log[-4000:]
     epochs = json.loads((out / "log.json").read_text())
-    assert len(epochs) == 1 and np.isfinite(epochs[0]["loss"]) and epochs[0]["images_per_s"] > 0
+    assert len(epochs) == 1 and np.isfinite(epochs[0]["loss"]) and "images_per_s" not in epochs[0]  # timings stay out
     build_vit(model["vit"]).load_state_dict(load(out / "model.safetensors"))  # strict: every weight, right shapes

@@ -82,7 +82,7 @@ def test_knn_matches_a_brute_force_reference():
 
 
 def test_knn_errors():
-    with pytest.raises(ValueError, match="k must be >= 1"):
+    with pytest.raises(ValueError, match="k must be an integer >= 1, got 0"):
         knn_predict(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), torch.zeros(1, 2), 2, k=0)
     with pytest.raises(ValueError, match="different numbers of samples"):
         knn_predict(torch.zeros(3, 2), torch.zeros(4, dtype=torch.long), torch.zeros(1, 2), 2)

@@ -176,7 +176,7 @@ def test_argument_errors(trained_blob_model):
     spot, images, labels = trained_blob_model
     with pytest.raises(ValueError, match=r"labels must have shape \(B,\)"):
         spot_on(spot, images[:2], labels[:3], init_positions(2))
-    with pytest.raises(ValueError, match=r"steps must be >= 0"):
+    with pytest.raises(ValueError, match=r"steps must be an integer >= 0, got -1"):
         spot_on(spot, images[:2], labels[:2], init_positions(2), steps=-1)
 
 

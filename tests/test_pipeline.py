@@ -6,8 +6,10 @@ import ast
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -17,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from spotlib.pipeline import deep_merge, load_params, notebook_for, repo_root
+from spotlib.pipeline import ConfigError, check_params, deep_merge, load_params, notebook_for, repo_root
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
@@ -51,6 +53,83 @@ def test_every_profile_declares_every_stage():
 def test_unknown_stage_lists_valid_ones():
     with pytest.raises(ValueError, match="unknown stage 'nope'; valid choices: .*backbones"):
         notebook_for("nope", ROOT)
+
+
+def test_every_profile_passes_the_checks():
+    """The committed params.yaml is valid under every profile (what `python -m spotlib.pipeline check` runs)."""
+    for profile in yaml.safe_load((ROOT / "params.yaml").read_text())["profiles"]:
+        check_params(load_params(profile, ROOT / "params.yaml"), root=ROOT)
+
+
+def _smoke(**stage_overrides) -> dict:
+    params = load_params("smoke", ROOT / "params.yaml")
+    for stage, values in stage_overrides.items():
+        params[stage] = deep_merge(params[stage], values)
+    return params
+
+
+@pytest.mark.parametrize("stage, section, message", [
+    ("grid_limitation", {"budgets_typo": [6]}, r"stage 'grid_limitation': unknown key\(s\) 'budgets_typo'; valid keys: "
+                                               r"budgets, priors, test_size, batch_size, seed"),
+    ("oracle", {"test_size": 0}, r"stage 'oracle', key 'test_size' must be an integer >= 1 or null; got 0"),
+    ("data", {"train_size": -5}, r"key 'train_size' must be an integer >= 1 or null; got -5"),
+    ("data", {"source": "mnist"}, r"key 'source' must be one of: fashion_mnist, imagefolder, hub; got 'mnist'"),
+    ("spatial_priors", {"priors": ["uniform", "sallient"]}, r"unknown: 'sallient'"),
+    ("spatial_priors", {"budgets": [6, 0]}, r"'budgets' must be a non-empty list of distinct integers >= 1"),
+    ("spatial_priors", {"knn_temperature": 0}, r"'knn_temperature' must be a number > 0; got 0"),
+    ("oracle", {"lr": "1e-3"}, r"'lr' must be a number > 0; got '1e-3'"),
+    ("backbones", {"models": {"A": {"spot": {"epoch": 1}}}}, r"spot training spec: unknown key\(s\) 'epoch'; valid keys: epochs"),
+    ("backbones", {"models": {"A": {"spot": {"priors": ["salient"]}}}}, r"unknown training prior 'salient'; valid choices: uniform"),
+    ("backbones", {"models": {"B": {"grid": {"min_tokens": 0}}}}, r"min_tokens must be an integer >= 1, got 0"),
+    ("backbones", {"models": {"A": {"vti": {}}}}, r"backbone 'A': unknown key\(s\) 'vti'; valid: vit, normalisation"),
+    ("sparsification", {"train": {"epochz": 1}}, r"sparsification.train: unknown key\(s\) 'epochz'; valid keys: epochs"),
+])
+def test_bad_stage_values_are_refused_before_anything_runs(stage, section, message):
+    with pytest.raises(ConfigError, match=message):
+        check_params(_smoke(**{stage: section}), [stage], ROOT)
+
+
+def test_missing_key_is_an_error_not_a_smoke_default():
+    params = load_params("embedded", ROOT / "params.yaml")
+    del params["grid_limitation"]["test_size"]
+    with pytest.raises(ConfigError, match="does not set 'test_size' .*smoke defaults"):
+        check_params(params, ["grid_limitation"], ROOT)
+
+
+def test_typo_in_a_section_or_profile_name_is_an_error(tmp_path):
+    for broken, message in (("grid_limitaton:\n  test_size: 5\n", r"params.yaml: unknown stage section\(s\) 'grid_limitaton'"),
+                            (None, r"profiles.smoke: unknown stage section\(s\) 'oracel'")):
+        (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+        text = (ROOT / "params.yaml").read_text()
+        text = text + broken if broken else text.replace("    oracle: {budgets: [6, 25]", "    oracel: {budgets: [6, 25]")
+        (tmp_path / "params.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_params("smoke", tmp_path / "params.yaml")
+
+
+def test_overrides_like_dvc_exp_run():
+    params = load_params(None, ROOT / "params.yaml", ["profile=smoke", "oracle.test_size=7", "data.path=a/b"])
+    assert params["profile"] == "smoke" and params["oracle"]["test_size"] == 7 and params["data"]["path"] == "a/b"
+    assert params["oracle"]["steps"] == load_params("smoke", ROOT / "params.yaml")["oracle"]["steps"]
+    with pytest.raises(ConfigError, match="must start with a stage"):
+        load_params("smoke", ROOT / "params.yaml", ["orcle.test_size=7"])
+
+
+def test_runner_refuses_a_typo_before_running_any_stage(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "spotlib.pipeline", "all", "--profile", "smoke", "--out-root",
+                             str(tmp_path), "-S", "oracle.budgets_typo=[6]"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "unknown key(s) 'budgets_typo'" in result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_papermill_typo_parameter_fails_the_notebook(tmp_path):
+    """`papermill ... -p budgets_typo ...` only warns in papermill; the notebook's first setup line refuses it."""
+    import papermill
+
+    with pytest.raises(papermill.PapermillExecutionError, match="unknown parameter.*'budgets_typo'.*valid parameters"):
+        papermill.execute_notebook(str(notebook_for("figures", ROOT)), str(tmp_path / "out.ipynb"),
+                                   parameters={"budgets_typo": [6], "out_root": str(tmp_path)}, cwd=str(ROOT),
+                                   progress_bar=False)
 
 
 def _parameters_cell(notebook: Path) -> dict:
@@ -106,12 +185,40 @@ def repro(work: Path) -> None:
         assert (work / "results" / "notebooks" / notebook_for(stage, work).name).exists()
 
 
+def dvc_lock_outs(work: Path, stage: str) -> dict[str, str]:
+    """{out path: md5} of a stage in the copy's dvc.lock."""
+    lock = yaml.safe_load((work / "dvc.lock").read_text())["stages"][stage]
+    return {o["path"]: o["md5"] for o in lock["outs"]}
+
+
 def test_dvc_repro_smoke_end_to_end(tmp_path):
-    """`dvc repro` on the smoke profile in a fresh copy: every stage runs, outputs appear, and a
-    second `dvc repro` has nothing to do."""
+    """`dvc repro` on the smoke profile in a fresh copy, with the backbones stage killed mid-training first:
+
+    * the killed stage resumes from its last finished epoch (its state lives outside the stage's DVC outputs,
+      which DVC deletes before a rerun) and ends with the same weights as an uninterrupted run;
+    * every stage runs and writes its outputs; a second `dvc repro` has nothing to do;
+    * a forced rerun of backbones with nothing changed writes byte-identical outputs, so every downstream
+      stage's deps are unchanged (`dvc status` clean).
+    """
     work = workspace_copy(tmp_path)
     select_profile(work, "smoke")
+    assert run_in(work, "dvc", "repro", "data").returncode == 0
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    killed = subprocess.Popen(["dvc", "repro", "backbones"], cwd=work, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    resume = work / "results" / "backbones" / "resume"
+    deadline = time.monotonic() + 300
+    while not list(resume.glob("A/grid/*/state.pt")) and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert killed.poll() is None, "the backbones stage ended before its first checkpoint"
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert list(resume.glob("A/grid/*/state.pt")) and not (work / "results" / "backbones" / "models.json").exists()
+
     repro(work)
+    executed = (work / "results" / "notebooks" / "01_backbones.ipynb").read_text()
+    assert "grid: resuming after epoch" in executed
+    assert not resume.exists(), "a completed stage removes its resumable state"
     for table in ("results_A", "results_B", "transfer", "misalignment"):
         for suffix in (".csv", ".md", ".tex"):
             assert (work / "figures" / f"{table}{suffix}").stat().st_size > 0
@@ -122,6 +229,16 @@ def test_dvc_repro_smoke_end_to_end(tmp_path):
     again = run_in(work, "dvc", "repro")
     assert again.returncode == 0
     assert "didn't change, skipping" in again.stdout and "Running stage" not in again.stdout
+
+    resumed = dvc_lock_outs(work, "backbones")
+    forced = run_in(work, "dvc", "repro", "--force", "--single-item", "backbones")
+    assert forced.returncode == 0, forced.stdout[-2000:] + forced.stderr[-2000:]
+    assert "resuming" not in (work / "results" / "notebooks" / "01_backbones.ipynb").read_text()
+    uninterrupted = dvc_lock_outs(work, "backbones")
+    for path in ("results/backbones/models", "results/backbones/models.json"):
+        assert uninterrupted[path] == resumed[path], f"{path}: resumed and uninterrupted runs differ"
+    status = run_in(work, "dvc", "status")
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
 
 
 # -- the natural and imagenet profiles on a tiny generated ImageFolder, random or synthetic weights --

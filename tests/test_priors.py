@@ -218,12 +218,12 @@ def test_unknown_prior_lists_choices():
         sample_positions("poisson", 1, 4)
 
 
-@pytest.mark.parametrize("bad", [0, -1, 2.0])
-def test_bad_token_count(bad):
-    with pytest.raises(ValueError, match=r"num_tokens must be an int >= 1"):
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-1, ValueError), (2.0, TypeError)])
+def test_bad_token_count(bad, error):
+    with pytest.raises(error, match=r"num_tokens must be an integer >= 1"):
         sample_positions("uniform", 1, bad)
 
 
 def test_bad_batch_size():
-    with pytest.raises(ValueError, match=r"batch_size must be an int >= 1"):
+    with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1, got 0"):
         sample_positions("uniform", 0, 4)

@@ -242,8 +242,8 @@ GOOD_POS = torch.full((2, 3, 2), 0.5)
         (GOOD_IMAGES, torch.full((2, 3, 3), 0.5), {}, ValueError, r"positions must have shape \(B, N, 2\)"),
         (GOOD_IMAGES, torch.full((3, 2), 0.5), {}, ValueError, r"positions must have shape \(B, N, 2\)"),
         (GOOD_IMAGES, GOOD_POS, {"padding": "wrap"}, ValueError, r"unknown padding 'wrap'; valid choices: zeros, border, reflection"),
-        (GOOD_IMAGES, GOOD_POS, {"window": 0}, ValueError, r"window must be a positive int"),
-        (GOOD_IMAGES, GOOD_POS, {"window": 2.5}, ValueError, r"window must be a positive int"),
+        (GOOD_IMAGES, GOOD_POS, {"window": 0}, ValueError, r"window must be an integer >= 1, got 0"),
+        (GOOD_IMAGES, GOOD_POS, {"window": 2.5}, TypeError, r"window must be an integer >= 1, got float 2.5"),
     ],
 )
 def test_bad_input_raises_clear_errors(images, positions, kwargs, exc, match):

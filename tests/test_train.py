@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict
 
 import pandas as pd
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -44,17 +46,17 @@ def kill_at_state(monkeypatch, *, epoch: int, before: bool = False):
     """Make the run die when ``state.pt`` of ``epoch`` (0-based) is saved: just after the
     write (a kill at the end of that epoch) or, with ``before``, just before it (a kill between
     the weights file and the state file of that epoch)."""
-    real = train_module._atomic_save
+    real = train_module.save_state
 
-    def save(obj, path, *args, **kwargs):
-        target = path.name == "state.pt" and obj["epoch"] == epoch
+    def save(obj, path):
+        target = Path(path).name == "state.pt" and obj["epoch"] == epoch
         if target and before:
             raise Killed(f"killed before writing state.pt of epoch {epoch}")
-        real(obj, path, *args, **kwargs)
+        real(obj, path)
         if target:
             raise Killed(f"killed after writing state.pt of epoch {epoch}")
 
-    monkeypatch.setattr(train_module, "_atomic_save", save)
+    monkeypatch.setattr(train_module, "save_state", save)
 
 
 # -- a plain run ------------------------------------------------------------------
@@ -174,10 +176,12 @@ def test_unknown_mode_raises():
 
 
 def test_bad_token_range_raises(tmp_path, tiny_split):
-    with pytest.raises(ValueError, match=r"1 <= min_tokens <= max_tokens"):
+    with pytest.raises(ValueError, match=r"need min_tokens <= max_tokens, got 5 > 3"):
         train(fresh_model(), tiny_split, config("spot", min_tokens=5, max_tokens=3), tmp_path)
-    with pytest.raises(ValueError, match=r"1 <= min_tokens <= max_tokens"):
+    with pytest.raises(ValueError, match=r"min_tokens must be an integer >= 1, got 0"):
         train(fresh_model(), tiny_split, config("spot", min_tokens=0), tmp_path)
+    with pytest.raises(ValueError, match=r"unknown training prior 'salient'; valid choices: uniform, gaussian"):
+        config("spot", priors=["salient"])  # needs saliency maps, which training does not have
 
 
 def test_build_vit_from_kwargs_and_timm_name():
