@@ -183,7 +183,7 @@ def published_tokenize(
       mu - scale to mu + scale, both ends included; the k x k grid is their
       (y, x) meshgrid);
     * bilinear sampling at pixel *index* coordinates y = p_y * H, x = p_x * W
-      (no half-pixel offset): y0 = floor(y), y1 = floor(y + 1), likewise x,
+      (no half-pixel offset): y0 = floor(y), y1 = floor(y) + 1, likewise x,
       all clamped to the image, and the weights formed with the *clamped*
       indices, (x1 - x)(y1 - y) for (y0, x0), (x1 - x)(y - y0) for (y1, x0),
       (x - x0)(y1 - y) for (y0, x1), (x - x0)(y - y0) for (y1, x1). Off the
@@ -214,10 +214,11 @@ def published_tokenize(
     y = pts[:, :, 0] * H  # (B, N, k), pixel-index coordinates
     x = pts[:, :, 1] * W
     with torch.no_grad():
-        y0 = y.floor().clamp(0, H - 1)
-        y1 = (y + 1).floor().clamp(0, H - 1)
-        x0 = x.floor().clamp(0, W - 1)
-        x1 = (x + 1).floor().clamp(0, W - 1)
+        # y1 = floor(y) + 1, not floor(y + 1): for y within half an ulp below an integer n the float sum
+        # y + 1 rounds up to n + 1, which would pair y0 = n - 1 with y1 = n + 1 and skip pixel n
+        y0, x0 = y.floor(), x.floor()
+        y1, x1 = (y0 + 1).clamp(0, H - 1), (x0 + 1).clamp(0, W - 1)
+        y0, x0 = y0.clamp(0, H - 1), x0.clamp(0, W - 1)
     # Separable weights from the clamped indices: (B, N, k) each.
     wy0, wy1 = y1 - y, y - y0
     wx0, wx1 = x1 - x, x - x0

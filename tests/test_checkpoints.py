@@ -83,6 +83,40 @@ def test_published_tokenize_hand_example():
     assert out[0, 0, 0, 0].item() == pytest.approx(1.6) and out[1, 0, 0, 1].item() == pytest.approx(3.16)
 
 
+def test_published_tokenize_reads_the_pixel_at_an_integer_sample():
+    """The reported repro: a bright column at x = 64, a token whose last sample column lands on it."""
+    img = torch.zeros(1, 1, 224, 224)
+    img[0, 0, :, 64] = 1
+    window = published_tokenize(img, torch.tensor([[[0.5, 0.25]]]))[0, 0, : 16 * 16].view(16, 16)
+    assert window[:, -1].tolist() == pytest.approx([1.0] * 16, abs=1e-4)
+
+
+@pytest.mark.parametrize("prior", ["isotropic", "center", "grid"])
+@pytest.mark.parametrize("tokens", [25, 49, 100, 196])
+def test_published_tokenize_samples_a_ramp_exactly(prior, tokens):
+    """Bilinear sampling of a linear ramp returns the sample's coordinate. Every sample of every
+    lattice the pipeline evaluates at 224 px (samples land on or within an ulp of integer indices)
+    must read its own coordinate; a neighbour-skipping rounding error reads about twice it."""
+    from spotlib.priors import sample_positions
+
+    H = W = 224
+    ramp = torch.arange(W, dtype=torch.float32)
+    img = torch.stack([ramp.view(1, W).expand(H, W), ramp.view(H, 1).expand(H, W)])[None]  # channel 0: x, 1: y
+    pos = sample_positions(prior, 1, tokens, seed=0, image_size=(H, W), grid_size=(14, 14))
+    out = published_tokenize(img, pos, window=16)[0, :, : 2 * 256].view(tokens, 2, 16, 16)
+    k = 16
+    g = torch.linspace(0, 1, k, dtype=torch.float64)
+    scale = k / (H + W)  # n_sigma = 1: sigma = scale = k / (H + W)
+    pts = pos[0].double()[..., None] + 2 * scale * g - scale  # (N, 2, k)
+    ys, xs = pts[:, 0] * H, pts[:, 1] * W
+    expected_x = xs[:, None, :].expand(tokens, k, k)
+    expected_y = ys[:, :, None].expand(tokens, k, k)
+    inside = ((expected_x >= 0) & (expected_x <= W - 1) & (expected_y >= 0) & (expected_y <= H - 1))
+    assert inside.float().mean() > 0.9
+    assert (out[:, 0].double() - expected_x)[inside].abs().max() < 1e-3
+    assert (out[:, 1].double() - expected_y)[inside].abs().max() < 1e-3
+
+
 def test_position_channel_normalised_by_batch_max():
     pos1 = torch.tensor([[MU1]], dtype=torch.float64)
     pos2 = torch.tensor([[MU2]], dtype=torch.float64)

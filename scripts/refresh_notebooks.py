@@ -1,0 +1,53 @@
+"""Re-execute the stored notebooks in place with their default (smoke) parameters, in pipeline order.
+
+    .venv/bin/python scripts/refresh_notebooks.py            # every stage
+    .venv/bin/python scripts/refresh_notebooks.py oracle     # one stage (earlier stages' smoke outputs must exist)
+
+Each notebook runs through papermill exactly as nbval will re-run it (defaults, outputs under
+build/smoke), then is cleaned so that a rerun only changes what the code changed: no widget state,
+no execution timestamps or papermill metadata, progress-bar widgets replaced by their text.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nbformat
+import papermill
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from spotlib.pipeline import notebook_for, stage_names  # noqa: E402
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def clean(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Drop widget state, timestamps and papermill metadata; keep a widget output's text fallback."""
+    for key in ("widgets", "papermill"):
+        notebook.metadata.pop(key, None)
+    for cell in notebook.cells:
+        for key in ("execution", "papermill"):
+            cell.metadata.pop(key, None)
+        if cell.cell_type != "code":
+            continue
+        for output in cell.outputs:
+            data = output.get("data", {})
+            if WIDGET_VIEW in data:
+                data.pop(WIDGET_VIEW)
+    return notebook
+
+
+def refresh(stage: str) -> None:
+    path = notebook_for(stage, ROOT)
+    print(f"{path.name}: executing", flush=True)
+    executed = papermill.execute_notebook(str(path), None, cwd=str(ROOT), progress_bar=False)
+    nbformat.write(clean(executed), str(path))
+    print(f"{path.name}: {path.stat().st_size / 1024:.0f} KB", flush=True)
+
+
+if __name__ == "__main__":
+    for stage in sys.argv[1:] or stage_names(ROOT):
+        refresh(stage)
