@@ -10,6 +10,7 @@ no execution timestamps or papermill metadata, progress-bar widgets replaced by 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from spotlib.pipeline import notebook_for, stage_names  # noqa: E402
+from spotlib.utils import PROGRESS_ENV  # noqa: E402
+
+os.environ.setdefault(PROGRESS_ENV, "text")  # text progress in the stored outputs, as in pipeline runs
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 

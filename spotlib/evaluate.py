@@ -14,13 +14,12 @@ from typing import Mapping, Sequence
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .data import Split, for_model
 from .oracle import check_positive, frozen, mixed_precision
 from .priors import USES_EXTERNAL_MODEL, sample_positions
 from .tokenizer import check_positions
-from .utils import check_int
+from .utils import check_int, progress
 from .vit import SPoTViT
 
 
@@ -61,7 +60,7 @@ def embed(
     logits, feats = [], []
     split = for_model(split, model)
     with frozen(model), mixed_precision(device, amp):
-        bar = tqdm(total=len(split), desc=desc, unit="img", unit_scale=True, leave=False, disable=desc is None)
+        bar = progress(total=len(split), desc=desc, unit="img", unit_scale=True, leave=False, disable=desc is None)
         for sl, images, _ in split.batches(batch_size, device):
             tokens = model.forward_features(images, positions[sl].to(images.device, non_blocking=True))
             pooled = model.model.forward_head(tokens, pre_logits=True)
@@ -194,7 +193,7 @@ def sweep(
     saliency = saliency or {}
     runs = [(m, p, n) for m in models for p in priors[m] for n in budgets]
     rows = []
-    bar = tqdm(runs, desc=f"sweep {backbone}".strip())
+    bar = progress(runs, desc=f"sweep {backbone}".strip())
     images = len(test) + (len(bank) if bank is not None else 0)
     for model_name, prior, n in bar:
         sal = {"saliency_test": saliency.get("test"), "saliency_bank": saliency.get("bank")} if prior == "salient" else {}
@@ -202,7 +201,8 @@ def sweep(
         for metric, value in evaluate(models[model_name], test, bank, prior, n, **sal, **kwargs).items():
             rows.append(dict(backbone=backbone, model=model_name, prior=prior,
                              oracle=prior in USES_EXTERNAL_MODEL, tokens=n, metric=metric, value=value))
-        bar.set_postfix_str(f"{model_name} {prior} {n} tokens: {images / (time.perf_counter() - start):,.0f} img/s")
+        bar.set_postfix_str(f"{model_name} {prior} {n} tokens: {images / (time.perf_counter() - start):,.0f} img/s",
+                            refresh=False)
     return pd.DataFrame(rows)
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .tokenizer import check_images, check_positions
-from .utils import check_int
+from .utils import check_int, progress
 from .vit import SPoTViT
 
 
@@ -207,8 +207,7 @@ def spot_on_split(
     ``init_positions`` is (n, N, 2) for the n images of the split (n >= 1); results are on the CPU.
     Images are normalised as the model expects (:func:`spotlib.data.for_model`).
     """
-    from tqdm.auto import tqdm
-
+    
     from .data import for_model
 
     if len(split) == 0:
@@ -218,7 +217,7 @@ def spot_on_split(
     if init_positions.shape[0] != len(split):
         raise ValueError(f"init_positions hold {init_positions.shape[0]} images, the split {len(split)}")
     results = []
-    bar = tqdm(total=len(split), desc=desc, unit="img", disable=desc is None)
+    bar = progress(total=len(split), desc=desc, unit="img", disable=desc is None)
     for sl, images, labels in split.batches(batch_size, device):
         result = spot_on(model, images, labels, init_positions[sl].to(images.device), steps, lr, **kwargs)
         results.append(OracleResult(*(getattr(result, f).cpu() for f in OracleResult.__dataclass_fields__)))

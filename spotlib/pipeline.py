@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import logging
 import math
 import os
 import shutil
@@ -43,6 +44,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import yaml
+
+from .utils import PROGRESS_ENV
 
 PARAMS_FILE = "params.yaml"
 RUNNER_PARAMETERS = ("profile", "out_root")  # every notebook declares these; the runner sets them
@@ -333,6 +336,9 @@ def run_stage(stage: str, profile: str | None = None, out_root: str = ".",
     target.parent.mkdir(parents=True, exist_ok=True)
     target.unlink(missing_ok=True)  # no stale completion record while the stage's outputs are rewritten
     tmp = target.with_name(".tmp." + target.name)
+    # text progress bars: papermill logs each cell's output as it comes (the terminal, DVC's output), and
+    # the executed notebook keeps readable text instead of widget placeholders
+    os.environ.setdefault(PROGRESS_ENV, "text")
     papermill.execute_notebook(str(notebook), str(tmp), parameters=parameters, cwd=str(root), progress_bar=False,
                                log_output=True)
     os.chmod(tmp, 0o644)
@@ -354,6 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
                         help="override a value for this run (YAML value), like dvc exp run -S; repeatable")
     args = parser.parse_args(argv)
+    # papermill logs the notebook's outputs (progress, prints) at INFO: show them, without its own chatter
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    papermill_log = logging.getLogger("papermill")
+    papermill_log.setLevel(logging.INFO)
+    papermill_log.addFilter(lambda record: not str(record.msg).startswith(("Executing", "Ending Cell", "Input Notebook",
+                                                                            "Output Notebook")))
     root = repo_root()
     stages = stage_names(root)
     try:

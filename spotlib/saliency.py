@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from .utils import check_int, load_safetensors, read_safetensors_metadata, save_safetensors
+from .utils import progress as progress_bar
 
 __all__ = [
     "SALIENCY_SOURCES", "ImgFocusSaliency", "SaliencyModelUnavailable", "SaliencySource",
@@ -427,8 +428,7 @@ def compute_saliency(
     Returns:
         float32 CPU tensor (n, H, W), each map in [0, 1].
     """
-    from tqdm.auto import tqdm
-
+    
     if isinstance(source, str):
         source = get_saliency_source(source)
     images = getattr(split_or_images, "images", split_or_images)
@@ -437,7 +437,7 @@ def compute_saliency(
     n, _, H, W = images.shape
     out = torch.empty(n, H, W, dtype=torch.float32)
     label = desc or f"saliency {getattr(source, 'name', type(source).__name__)}"
-    with tqdm(total=n, desc=label, unit="img", disable=not progress) as bar:
+    with progress_bar(total=n, desc=label, unit="img", disable=not progress) as bar:
         for start in range(0, n, batch_size):
             batch = images[start:start + batch_size]
             maps = source(batch)

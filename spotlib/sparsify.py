@@ -105,14 +105,14 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
-from tqdm.auto import tqdm
 
 from .data import Split, for_model
 from .evaluate import top1_and_knn
 from .oracle import frozen
 from .tokenizer import check_images, grid_positions
 from .train import one_cycle, save_state, write_log
-from .utils import config_from_spec, load_safetensors, read_safetensors_metadata, save_safetensors, torch_load
+from .utils import (config_from_spec, load_safetensors, progress, read_safetensors_metadata, save_safetensors,
+                    torch_load)
 from .vit import SPoTViT
 
 PREDICTOR_FILE = "predictor.safetensors"
@@ -636,7 +636,7 @@ def train_sparsifier(
             order = torch.randperm(len(data), generator=gen)
             predictor.train()
             total_loss, agree, keeps, seen, t0 = 0.0, 0, 0, 0, time.perf_counter()
-            bar = tqdm(range(steps_per_epoch), desc=f"sparsifier epoch {epoch + 1}/{config.epochs}", leave=False)
+            bar = progress(range(steps_per_epoch), desc=f"sparsifier epoch {epoch + 1}/{config.epochs}", leave=False)
             for step in bar:
                 idx = order[step * config.batch_size : (step + 1) * config.batch_size]
                 images = data.normalise(data.images[idx].to(device))
@@ -658,7 +658,7 @@ def train_sparsifier(
                 agree += (student.argmax(1) == teacher.argmax(1)).sum().item()
                 keeps += keep_sum
                 seen += len(idx)
-                bar.set_postfix(kl=f"{total_loss / seen:.4f}", agree=f"{100 * agree / seen:.1f}")
+                bar.set_postfix(kl=f"{total_loss / seen:.4f}", agree=f"{100 * agree / seen:.1f}", refresh=False)
             seconds = time.perf_counter() - t0
             log.append(dict(epoch=epoch + 1, loss=total_loss / seen, agree=100 * agree / seen, mean_keep=keeps / seen,
                             lr=schedule.get_last_lr()[0], seconds=seconds, images_per_s=seen / seconds))

@@ -47,12 +47,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
-from tqdm.auto import tqdm
 
 from .data import Split
 from .priors import PRIORS, USES_EXTERNAL_MODEL, sample_positions
-from .utils import (atomic_path, check_choice, config_from_spec, load_safetensors, save_safetensors, torch_load,
-                    write_json)
+from .utils import (atomic_path, check_choice, config_from_spec, load_safetensors, progress, save_safetensors,
+                    torch_load, write_json)
 from .vit import SPoTViT
 
 MODES = ("grid", "spot")
@@ -269,7 +268,7 @@ def train(
             rank_gen = torch.Generator().manual_seed(rank_seed(config.seed, epoch, rank))
         model.train()
         total_loss, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
-        bar = tqdm(range(steps_per_epoch), desc=f"{config.mode} epoch {epoch + 1}/{config.epochs}", leave=False,
+        bar = progress(range(steps_per_epoch), desc=f"{config.mode} epoch {epoch + 1}/{config.epochs}", leave=False,
                    disable=rank != 0)
         for step in bar:
             if distributed:
@@ -299,7 +298,7 @@ def train(
             schedule.step()
             correct += n_correct
             seen += n_seen
-            bar.set_postfix(loss=f"{total_loss / max(seen, 1):.3f}", acc=f"{100 * correct / max(seen, 1):.1f}")
+            bar.set_postfix(loss=f"{total_loss / max(seen, 1):.3f}", acc=f"{100 * correct / max(seen, 1):.1f}", refresh=False)
         seconds = time.perf_counter() - t0
         if distributed:  # loss and accuracy over every rank's images
             totals = torch.tensor([total_loss, correct, seen], dtype=torch.float64, device=device)

@@ -148,6 +148,25 @@ def torch_load(path: str | Path, hint: str = "", **kwargs) -> Any:
         raise _unreadable(path, "a torch checkpoint", err) from err
 
 
+PROGRESS_ENV = "SPOTLIB_PROGRESS"  # "text": plain-text bars, as pipeline runs set it for logs and stored notebooks
+
+
+def progress(*args, **kwargs):
+    """A tqdm progress bar: widgets in Jupyter, text in a terminal; plain text every 5 s when the
+    environment sets ``SPOTLIB_PROGRESS=text`` (papermill runs of the pipeline: the bars then reach
+    the terminal through papermill's log and read as text in the executed notebooks)."""
+    if os.environ.get(PROGRESS_ENV) == "text":
+        import sys
+
+        from tqdm.std import tqdm
+
+        kwargs = {"file": sys.stderr, "mininterval": 5.0, "ascii": True, **kwargs, "leave": True}
+        return tqdm(*args, **kwargs)
+    from tqdm.auto import tqdm
+
+    return tqdm(*args, **kwargs)
+
+
 def config_from_spec(cls, spec, what: str, **fixed):
     """``cls(**fixed, **spec)`` for a dataclass ``cls``; unknown keys are an error listing the valid fields."""
     import dataclasses
@@ -161,5 +180,5 @@ def config_from_spec(cls, spec, what: str, **fixed):
     return cls(**fixed, **spec)
 
 
-__all__ = ["atomic_path", "check_choice", "check_int", "config_from_spec", "load_safetensors", "read_json",
+__all__ = ["atomic_path", "check_choice", "check_int", "config_from_spec", "load_safetensors", "progress", "read_json",
            "read_safetensors_metadata", "save_safetensors", "torch_load", "write_json", "write_text"]
