@@ -207,7 +207,6 @@ def spot_on_split(
     ``init_positions`` is (n, N, 2) for the n images of the split (n >= 1); results are on the CPU.
     Images are normalised as the model expects (:func:`spotlib.data.for_model`).
     """
-    
     from .data import for_model
 
     if len(split) == 0:

@@ -317,6 +317,31 @@ def executed_notebook(stage: str, out_root: str | Path = ".", root: Path | None 
     return root / out_root / "results" / "notebooks" / notebook_for(stage, root).name
 
 
+def upstream_stages(stage: str, root: Path | None = None) -> list[str]:
+    """The stages whose outputs ``stage`` reads (its non-code deps in dvc.yaml), in pipeline order."""
+    root = root or repo_root()
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    producer = {}
+    for name, spec in stages.items():
+        for out in spec.get("outs", []) + spec.get("metrics", []):
+            producer[next(iter(out)) if isinstance(out, dict) else out] = name
+    needed = {producer[dep] for dep in stages[stage].get("deps", []) if dep in producer}
+    return [name for name in stages if name in needed]
+
+
+def check_upstream(stage: str, out_root: str | Path = ".", root: Path | None = None) -> None:
+    """Refuse to run ``stage`` on the outputs of a stage that did not complete (a killed run leaves
+    no executed notebook): outside DVC nothing else would notice half-rewritten inputs."""
+    root = root or repo_root()
+    for name in upstream_stages(stage, root):
+        record = executed_notebook(name, out_root, root)
+        if not record.exists():
+            raise ConfigError(
+                f"stage {stage!r} reads the outputs of stage {name!r}, which has not completed under "
+                f"{Path(out_root) / 'results'} (no {record}); run `python -m spotlib.pipeline {name} --out-root "
+                f"{out_root}` first (or `dvc repro {stage}` for the workspace)")
+
+
 def resume_dir(stage: str, out_root: str | Path = ".") -> Path:
     """The stage's resumable scratch state (outside its DVC outputs; removed when the stage completes)."""
     return Path(out_root) / "results" / stage / "resume"
@@ -331,6 +356,7 @@ def run_stage(stage: str, profile: str | None = None, out_root: str = ".",
     notebook = notebook_for(stage, root)
     params = load_params(profile, root / PARAMS_FILE, overrides)
     check_stage(stage, params.get(stage, {}), root)
+    check_upstream(stage, out_root, root)
     parameters = {**params[stage], "profile": params["profile"], "out_root": out_root}
     target = executed_notebook(stage, out_root, root)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -378,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         selected = stages if args.stage == "all" else [args.stage]
         if args.stage != "all":
             notebook_for(args.stage, root)  # unknown stage: the error lists the valid ones
+            check_upstream(args.stage, args.out_root, root)
         # check every selected stage before running the first, so a typo never costs a training run
         check_params(load_params(args.profile, root / PARAMS_FILE, args.overrides), selected, root)
     except (ConfigError, ValueError) as err:

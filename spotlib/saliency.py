@@ -428,7 +428,6 @@ def compute_saliency(
     Returns:
         float32 CPU tensor (n, H, W), each map in [0, 1].
     """
-    
     if isinstance(source, str):
         source = get_saliency_source(source)
     images = getattr(split_or_images, "images", split_or_images)

@@ -19,7 +19,8 @@ import pytest
 import torch
 import yaml
 
-from spotlib.pipeline import ConfigError, check_params, deep_merge, load_params, notebook_for, repo_root
+from spotlib.pipeline import (ConfigError, check_params, deep_merge, load_params, notebook_for, repo_root,
+                              upstream_stages)
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
@@ -120,6 +121,19 @@ def test_runner_refuses_a_typo_before_running_any_stage(tmp_path):
                              str(tmp_path), "-S", "oracle.budgets_typo=[6]"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "unknown key(s) 'budgets_typo'" in result.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_stage_refuses_inputs_of_an_incomplete_stage(tmp_path):
+    """Outside DVC, a stage whose upstream stage has no completion record (killed, or never run) stops
+    with the command that builds it, before running anything."""
+    assert upstream_stages("oracle", ROOT) == ["data", "backbones", "saliency"]
+    (tmp_path / "results" / "notebooks").mkdir(parents=True)
+    (tmp_path / "results" / "notebooks" / "00_data.ipynb").write_text("{}")
+    result = subprocess.run([sys.executable, "-m", "spotlib.pipeline", "oracle", "--profile", "smoke", "--out-root",
+                             str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "reads the outputs of stage 'backbones', which has not completed" in result.stderr
+    assert f"python -m spotlib.pipeline backbones --out-root {tmp_path}" in result.stderr
 
 
 def test_papermill_typo_parameter_fails_the_notebook(tmp_path):
