@@ -143,7 +143,9 @@ def torch_load(path: str | Path, hint: str = "", **kwargs) -> Any:
     try:
         return torch.load(path, **kwargs)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
-        if "weights_only" in str(err):  # a legitimate file refused by weights_only: callers explain that
+        # a real torch.save archive refused by weights_only (it pickles other objects): callers explain that;
+        # anything else (garbage, a truncated file) is unreadable, whatever torch's message says
+        if zipfile.is_zipfile(path) and "weights_only" in str(err):
             raise
         raise _unreadable(path, "a torch checkpoint", err) from err
 
