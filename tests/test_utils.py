@@ -76,14 +76,18 @@ def test_config_from_spec_lists_the_valid_keys():
         config_from_spec(TrainConfig, {"epoch": 2}, "grid spec", mode="grid")
 
 
+class Pickled:
+    """An object that torch.load(weights_only=True) refuses to unpickle."""
+
+    a = 1
+
+
 def test_torch_load_passes_on_a_weights_only_refusal(tmp_path):
     """A real checkpoint that pickles other objects is refused by weights_only=True with torch's own
     message (callers explain it); it is not reported as a corrupt file."""
-    import collections
-
     path = tmp_path / "ckpt.pth"
-    torch.save({"model": {"w": torch.ones(2)}, "extra": collections.Counter(a=1)}, path)
+    torch.save({"model": {"w": torch.ones(2)}, "extra": Pickled()}, path)
     with pytest.raises(Exception, match="weights_only") as info:
         torch_load(path, weights_only=True)
     assert "cannot read" not in str(info.value)
-    assert torch_load(path, weights_only=False)["extra"]["a"] == 1
+    assert torch_load(path, weights_only=False)["extra"].a == 1
