@@ -1,4 +1,4 @@
-# make repro : set up (once) and run the whole pipeline: dvc repro (embedded profile, ~13 min on 2 cores)
+# make repro : set up (once) and run the whole pipeline: dvc repro (embedded profile, ~22 min on 2 cores)
 # make repro PROFILE=smoke : the same pipeline on another profile, as a DVC experiment in a temporary copy
 #              (dvc exp run --temp -S profile=...; the workspace's results stay as they are; see dvc exp show)
 # make test  : set up (once) and run the unit tests and the stored notebooks (nbval)
