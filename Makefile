@@ -2,7 +2,7 @@
 # make repro PROFILE=smoke : the same pipeline on another profile, as a DVC experiment in a temporary copy
 #              (dvc exp run --temp -S profile=...; the workspace's results stay as they are; see dvc exp show)
 # make test  : set up (once) and run the unit tests and the stored notebooks (nbval)
-# Every target runs with .venv/bin first on PATH, so DVC's stage commands (`python -m spotlib.pipeline ...`)
+# Every target runs with .venv/bin first on PATH, so DVC's stage commands (`python -m spotlib.paper.pipeline ...`)
 # use the project's environment without activating it.
 VENV := .venv
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
@@ -25,7 +25,7 @@ test: setup
 	pytest --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg
 
 check: setup  # validate params.yaml (every profile) without running anything
-	python -m spotlib.pipeline check
+	python -m spotlib.paper.pipeline check
 
 bench: setup
 	python benchmarks/tokenizer.py

@@ -26,7 +26,7 @@ from spotlib import SPoTViT, embed
 from spotlib.data import Split
 from spotlib.oracle import mixed_precision, spot_on_split
 from spotlib.priors import sample_positions
-from spotlib.sparsify import count_flops
+from spotlib.paper.sparsify import count_flops
 
 
 def synchronize(device: torch.device) -> None:

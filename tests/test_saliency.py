@@ -1,4 +1,4 @@
-"""Tests of spotlib.saliency: the source interface, img-focus (if installed), spectral residual, storage."""
+"""Tests of spotlib.paper.saliency: the source interface, img-focus (if installed), spectral residual, storage."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from spotlib import saliency as sal
+from spotlib.paper import saliency as sal
 from spotlib.data import Split
 from spotlib.priors import sample_positions
-from spotlib.saliency import (
+from spotlib.paper.saliency import (
     SALIENCY_SOURCES, ImgFocusSaliency, SaliencyModelUnavailable, SpectralResidualSaliency, compute_saliency,
     default_saliency_source, get_saliency_source, load_saliency, normalise_maps, save_saliency,
 )
@@ -192,7 +192,7 @@ def fashion_mnist_mass(source) -> tuple[torch.Tensor, torch.Tensor]:
     """Saliency mass on the object and the object's area fraction, for 12 Fashion-MNIST test images."""
     if not FASHION_MNIST_TEST.exists():
         pytest.skip("Fashion-MNIST not installed (sudo apt-get install dataset-fashion-mnist)")
-    from spotlib.data import read_idx
+    from spotlib.paper.datasets import read_idx
 
     images = torch.from_numpy(read_idx(FASHION_MNIST_TEST)[:12, None].copy())
     maps = compute_saliency(source, images, batch_size=12, progress=False)

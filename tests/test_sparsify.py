@@ -1,4 +1,4 @@
-"""spotlib.sparsify: learned token-relevance sparsification baseline, its training and FLOPs."""
+"""spotlib.paper.sparsify: learned token-relevance sparsification baseline, its training and FLOPs."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import spotlib.sparsify as sparsify_module
+import spotlib.paper.sparsify as sparsify_module
 from spotlib.oracle import frozen
-from spotlib.sparsify import (
+from spotlib.paper.sparsify import (
     PREDICTOR_FILE,
     SparsifyConfig,
     TokenRelevanceSparsifier,

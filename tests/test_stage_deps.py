@@ -1,6 +1,6 @@
 """dvc.yaml declares, for every stage, exactly the spotlib files its notebook runs.
 
-A stage runs ``python -m spotlib.pipeline STAGE``, which executes its notebook: the
+A stage runs ``python -m spotlib.paper.pipeline STAGE``, which executes its notebook: the
 code it runs is the notebook's spotlib imports, ``spotlib/__init__.py`` (imported
 with any submodule) and ``spotlib/pipeline.py``, with everything they import in
 turn (relative imports, also inside functions). A missing dep lets ``dvc repro``

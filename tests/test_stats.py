@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from spotlib.stats import bootstrap_ci, paired_permutation_test
+from spotlib.paper.stats import bootstrap_ci, paired_permutation_test
 
 
 def test_bootstrap_ci_covers_the_mean_and_shrinks_with_n():

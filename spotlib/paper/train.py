@@ -17,7 +17,7 @@ loss, acc, lr: the same bytes on every run on one machine; wall-clock timings
 are only in the returned frame and in ``state.pt``).
 
 Multi-process (DDP) training: when ``torch.distributed`` is initialised with a
-world size W > 1 (e.g. under ``torchrun``, see :mod:`spotlib.finetune`),
+world size W > 1 (e.g. under ``torchrun``, see :mod:`spotlib.paper.finetune`),
 ``train`` wraps the module whose forward it calls (the timm model in grid mode,
 the SPoT view in spot mode) in ``DistributedDataParallel``. ``batch_size`` is
 per process, so one optimiser step sees a global batch of W * batch_size images:
@@ -48,11 +48,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from .data import Split
-from .priors import PRIORS, USES_EXTERNAL_MODEL, sample_positions
-from .utils import (atomic_path, check_choice, config_from_spec, load_safetensors, progress, save_safetensors,
+from ..data import Split
+from ..priors import PRIORS, USES_EXTERNAL_MODEL, sample_positions
+from ..utils import (atomic_path, check_choice, config_from_spec, load_safetensors, progress, save_safetensors,
                     torch_load, write_json)
-from .vit import SPoTViT
+from ..vit import SPoTViT
 
 MODES = ("grid", "spot")
 # priors a training run can draw from: those that need nothing but the image size and grid
@@ -187,7 +187,7 @@ def default_device() -> torch.device:
 
 def rank_seed(seed: int, epoch: int, rank: int) -> int:
     """A 63-bit seed for the per-rank position generator, derived from (seed, epoch, rank)."""
-    digest = hashlib.sha256(f"spotlib.train/{seed}/{epoch}/{rank}".encode()).digest()
+    digest = hashlib.sha256(f"spotlib.paper.train/{seed}/{epoch}/{rank}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 

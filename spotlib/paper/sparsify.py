@@ -106,14 +106,14 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
-from .data import Split, for_model
-from .evaluate import top1_and_knn
-from .oracle import frozen
-from .tokenizer import check_images, grid_positions
+from ..data import Split, for_model
+from ..evaluate import top1_and_knn
+from ..oracle import frozen
+from ..tokenizer import check_images, grid_positions
 from .train import one_cycle, save_state, write_log
-from .utils import (config_from_spec, load_safetensors, progress, read_safetensors_metadata, save_safetensors,
+from ..utils import (config_from_spec, load_safetensors, progress, read_safetensors_metadata, save_safetensors,
                     torch_load)
-from .vit import SPoTViT
+from ..vit import SPoTViT
 
 PREDICTOR_FILE = "predictor.safetensors"
 STATE_FILE = "state.pt"

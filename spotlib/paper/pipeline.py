@@ -6,7 +6,7 @@ profile is the top-level ``profile`` key (``dvc exp run -S profile=smoke``);
 its overrides are deep-merged over the stage sections (a ``null`` in place of
 a mapping removes it: ``models: {A: null}`` drops model A).
 
-A stage runs ``python -m spotlib.pipeline <stage>``: it executes
+A stage runs ``python -m spotlib.paper.pipeline <stage>``: it executes
 ``notebooks/<NN>_<stage>.ipynb`` with papermill, injecting every key of the
 resolved stage section plus ``profile`` and ``out_root`` as parameters.
 
@@ -15,7 +15,7 @@ the resolved section of a stage must set exactly the parameters its notebook
 declares (its ``parameters`` cell), so a typo'd key or section is an error that
 lists the valid ones, never a silent fall-back to the notebook's smoke
 defaults. Values are checked (sizes, budgets, priors, ...) before any stage
-runs: ``python -m spotlib.pipeline check`` checks every profile.
+runs: ``python -m spotlib.paper.pipeline check`` checks every profile.
 
 The executed notebook, ``results/notebooks/<NN>_<stage>.ipynb``, is the stage's
 completion record: it is removed when the stage starts and written (atomically)
@@ -24,7 +24,7 @@ notebook beside half-rewritten results. Resumable training state lives in
 ``results/<stage>/resume/``, outside the stage's DVC outputs (DVC deletes those
 before a rerun), and is removed when the stage completes.
 
-``python -m spotlib.pipeline all --profile natural --out-root build/natural``
+``python -m spotlib.paper.pipeline all --profile natural --out-root build/natural``
 runs every stage in order without DVC, writing under another root, so a second
 profile's results can sit beside the workspace's own; ``-S stage.key=value``
 overrides a value as ``dvc exp run -S`` would.
@@ -45,7 +45,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from .utils import PROGRESS_ENV
+from ..utils import PROGRESS_ENV
 
 PARAMS_FILE = "params.yaml"
 RUNNER_PARAMETERS = ("profile", "out_root")  # every notebook declares these; the runner sets them
@@ -176,7 +176,7 @@ def _budgets(value) -> str | None:
 
 
 def _prior_names(value) -> str | None:
-    from .priors import PRIORS
+    from ..priors import PRIORS
 
     if not isinstance(value, list) or not value:
         return f"a non-empty list of priors from: {', '.join(PRIORS)}"
@@ -193,7 +193,7 @@ def _choice(choices: Callable[[], Any]) -> Callable[[Any], str | None]:
 
 
 def _data_sources():
-    from .data import SOURCES
+    from .datasets import SOURCES
 
     return SOURCES
 
@@ -338,7 +338,7 @@ def check_upstream(stage: str, out_root: str | Path = ".", root: Path | None = N
         if not record.exists():
             raise ConfigError(
                 f"stage {stage!r} reads the outputs of stage {name!r}, which has not completed under "
-                f"{Path(out_root) / 'results'} (no {record}); run `python -m spotlib.pipeline {name} --out-root "
+                f"{Path(out_root) / 'results'} (no {record}); run `python -m spotlib.paper.pipeline {name} --out-root "
                 f"{out_root}` first (or `dvc repro {stage}` for the workspace)")
 
 
@@ -376,9 +376,9 @@ def run_stage(stage: str, profile: str | None = None, out_root: str = ".",
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Run pipeline stages' notebooks with papermill, or check params.yaml.",
-        epilog="examples: python -m spotlib.pipeline backbones | "
-               "python -m spotlib.pipeline all --profile smoke --out-root build/try -S oracle.test_size=20 | "
-               "python -m spotlib.pipeline check")
+        epilog="examples: python -m spotlib.paper.pipeline backbones | "
+               "python -m spotlib.paper.pipeline all --profile smoke --out-root build/try -S oracle.test_size=20 | "
+               "python -m spotlib.paper.pipeline check")
     parser.add_argument("stage", help="a stage of dvc.yaml (runs notebooks/NN_<stage>.ipynb), 'all' (every stage "
                                       "in order), or 'check' (validate every profile, run nothing)")
     parser.add_argument("--profile", default=None, help="params.yaml profile (default: the file's 'profile')")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .utils import check_int
+from ..utils import check_int
 
 
 def _finite(values: np.ndarray, name: str) -> np.ndarray:

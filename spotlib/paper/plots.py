@@ -12,7 +12,7 @@ import seaborn as sns
 import torch
 from matplotlib.patches import Rectangle
 
-from .data import Split
+from ..data import Split
 
 PRIOR_ORDER = ["Patch Grid", "grid", "uniform", "gaussian", "sobol", "isotropic", "center", "salient", "SPoT-ON"]
 METRIC_LABELS = {"acc1": "Acc@1 (%)", "knn": "kNN (%)"}

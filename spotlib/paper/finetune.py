@@ -2,13 +2,13 @@
 
 Single process (GPU 0 if CUDA is available, else the CPU)::
 
-    python -m spotlib.finetune --data data/fashion_mnist --vit vit.json \\
+    python -m spotlib.paper.finetune --data data/fashion_mnist --vit vit.json \\
         --init grid/model.safetensors --out runs/spot --mode spot --epochs 3 --batch-size 128
 
 Multi-GPU fine-tuning on one machine with 8 GPUs (one process per GPU, NCCL;
 ``--batch-size`` is per process, so one optimiser step sees 8 * 128 images)::
 
-    torchrun --standalone --nproc_per_node=8 -m spotlib.finetune --data data/fashion_mnist \\
+    torchrun --standalone --nproc_per_node=8 -m spotlib.paper.finetune --data data/fashion_mnist \\
         --vit vit.json --init grid/model.safetensors --out runs/spot \\
         --mode spot --epochs 3 --batch-size 128 --lr 3e-3 --priors uniform gaussian sobol
 
@@ -16,11 +16,11 @@ Under ``torchrun`` (``RANK``/``WORLD_SIZE`` in the environment) the process
 group is initialised with the ``nccl`` backend when CUDA is available (rank r
 uses ``cuda:LOCAL_RANK``) and ``gloo`` otherwise (CPU). Rerunning the same
 command with the same ``--out`` and the same number of processes resumes from
-the last finished epoch. See :func:`spotlib.train.train` for the sharding,
+the last finished epoch. See :func:`spotlib.paper.train.train` for the sharding,
 seeding and checkpoint rules.
 
 ``--vit`` is a JSON object (inline or a path to a ``.json`` file) as
-:func:`spotlib.train.build_vit` takes: ``VisionTransformer`` keyword arguments,
+:func:`spotlib.paper.train.build_vit` takes: ``VisionTransformer`` keyword arguments,
 or ``{"timm_name": ..., "pretrained": ..., **kwargs}``; ``num_classes`` defaults
 to the dataset's class count. ``--init`` loads weights (safetensors) before
 training. Outputs in ``--out``: ``model.safetensors``, ``state.pt``,
@@ -37,15 +37,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .data import load_split
+from ..data import load_split
 from .train import MODES, TrainConfig, build_vit, default_device, distributed_context, train
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     defaults = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m spotlib.finetune", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m spotlib.paper.finetune", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="dataset directory written by spotlib.data.build_dataset")
+    p.add_argument("--data", required=True, help="dataset directory written by spotlib.paper.datasets.build_dataset")
     p.add_argument("--vit", required=True, help="ViT spec: a JSON object or the path of a JSON file")
     p.add_argument("--init", default=None, help="initial weights (safetensors), optional")
     p.add_argument("--out", required=True, help="output directory (checkpoints, logs; resumed if present)")
