@@ -24,7 +24,8 @@ import torch
 
 from spotlib import SPoTViT, embed
 from spotlib.data import Split
-from spotlib.oracle import mixed_precision, spot_on_split
+from spotlib.oracle import spot_on_split
+from spotlib.utils import mixed_precision
 from spotlib.priors import sample_positions
 from spotlib.paper.sparsify import count_flops
 

@@ -21,13 +21,13 @@ except ModuleNotFoundError as err:  # e.g. DVC's `python` resolved to the system
     raise ModuleNotFoundError(
         f"spotlib needs {err.name!r}, which {sys.executable} does not have: use the project's environment "
         "(make setup, then make repro / make test, or put .venv/bin first on PATH)", name=err.name) from err
-from .oracle import OracleResult, evaluate_positions, spot_on
+from .oracle import OracleResult, one_at_a_time, spot_on
 from .priors import PRIORS, register_prior, sample_positions
 from .tokenizer import grid_positions, sample_windows
 from .vit import SPoTViT
 
 __all__ = [
-    "PRIORS", "OracleResult", "SPoTViT", "embed", "evaluate", "evaluate_positions", "grid_positions",
-    "knn_predict", "register_prior", "sample_positions", "sample_windows", "spot_on", "sweep",
+    "PRIORS", "OracleResult", "SPoTViT", "embed", "evaluate", "grid_positions", "knn_predict", "one_at_a_time",
+    "register_prior", "sample_positions", "sample_windows", "spot_on", "sweep",
 ]
 __version__ = "0.1.0"

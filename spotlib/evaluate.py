@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from .data import Split, for_model
-from .oracle import check_positive, frozen, mixed_precision
 from .priors import USES_EXTERNAL_MODEL, sample_positions
 from .tokenizer import check_positions
-from .utils import check_int, progress
+from .utils import check_int, check_positive, frozen, mixed_precision, progress
 from .vit import SPoTViT
 
 
@@ -204,20 +203,3 @@ def sweep(
         bar.set_postfix_str(f"{model_name} {prior} {n} tokens: {images / (time.perf_counter() - start):,.0f} img/s",
                             refresh=False)
     return pd.DataFrame(rows)
-
-
-@torch.no_grad()
-def images_per_second(forward, num_images: int, repeats: int = 3) -> float:
-    """Throughput of ``forward()`` (a call that processes ``num_images`` images): best of ``repeats``
-    timed calls after one warm-up call (CUDA is synchronised when available)."""
-    repeats = check_int(repeats, "repeats", 1)  # 0 would report 0 images/s
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    forward()
-    best = float("inf")
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        forward()
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return num_images / best

@@ -7,16 +7,13 @@ trajectory does not depend on its batch mates or on the batch size.
 
 from __future__ import annotations
 
-import math
-import numbers
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .tokenizer import check_images, check_positions
-from .utils import check_int, progress
+from .utils import check_int, check_positive, frozen, mixed_precision, progress
 from .vit import SPoTViT
 
 
@@ -50,32 +47,6 @@ class OracleResult:
         return OracleResult(*(torch.cat([getattr(r, f) for r in results]) for f in OracleResult.__dataclass_fields__))
 
 
-@contextmanager
-def frozen(model: torch.nn.Module):
-    """Eval mode and no parameter gradients inside the block; every module's mode and every
-    parameter's flag are restored after (the wrapper's own flag need not match its submodules')."""
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for m, mode in modes:
-            m.training = mode
-
-
-def check_positive(value: float, name: str) -> None:
-    """Raise a clear error unless ``value`` is a finite real number > 0 (a step size, a temperature)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a finite number > 0, got {type(value).__name__} {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
 def check_labels(labels: torch.Tensor, batch_size: int) -> None:
     """Raise a clear error unless ``labels`` is an integer tensor of shape (batch_size,)."""
     if not isinstance(labels, torch.Tensor):
@@ -97,14 +68,6 @@ def check_label_range(labels: torch.Tensor, num_classes: int) -> None:
         values = sorted(set(labels[bad].tolist()))
         raise ValueError(f"labels must be class indices in [0, {num_classes - 1}] (the model has {num_classes} "
                          f"classes), got {values[:5]}{' ...' if len(values) > 5 else ''}")
-
-
-def mixed_precision(device, amp: bool | None = None):
-    """bfloat16 autocast on CUDA (``amp=None``: on iff ``device`` is a CUDA device; True elsewhere uses the
-    CPU's bfloat16 autocast, for tests); a no-op context when off."""
-    device = torch.device(device or "cpu")
-    enabled = device.type == "cuda" if amp is None else amp
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def spot_on(
@@ -180,15 +143,17 @@ def spot_on(
     )
 
 
-@torch.no_grad()
-def evaluate_positions(model: SPoTViT, images: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Per-image top-1 correctness (B,) of ``model`` at given positions.
-
-    This is the transfer experiment in one call: positions found by
-    :func:`spot_on` with model A, evaluated on model B.
-    """
-    with frozen(model):
-        return model(images, positions).argmax(-1) == labels
+def one_at_a_time(model: SPoTViT, images: torch.Tensor, labels: torch.Tensor, init_positions: torch.Tensor,
+                  steps: int = 50, lr: float = 3e-3, **kwargs) -> torch.Tensor:
+    """The interdependence control: each token searched alone (:func:`spot_on` with only it movable, the
+    others held at ``init_positions``); returns (B, N, 2) positions, each token at its own optimum."""
+    solo = init_positions.clone()
+    num_tokens = init_positions.shape[1]
+    for j in range(num_tokens):
+        movable = torch.zeros(num_tokens, dtype=torch.bool)
+        movable[j] = True
+        solo[:, j] = spot_on(model, images, labels, init_positions, steps, lr, movable=movable, **kwargs).positions[:, j]
+    return solo
 
 
 def spot_on_split(

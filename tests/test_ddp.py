@@ -190,7 +190,7 @@ def test_torchrun_resume_after_a_kill_matches_uninterrupted_run(spot_run, workdi
     cfg = TrainConfig(mode="spot", epochs=2, batch_size=16, lr=1e-2, min_tokens=1, max_tokens=6,
                       priors=["uniform", "gaussian"], seed=3, train_size=TRAIN_SIZE)
     assert torch.load(out / "state.pt", weights_only=False)["config"] == {**vars(cfg)}
-    with pytest.raises(ValueError, match="2 process"):
+    with pytest.raises(ValueError, match="another world_size .world_size: 2.; resume with the same"):
         train(build_vit(SPEC), load_split(dataset, "train"), cfg, out)
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spotlib.oracle import OracleResult, evaluate_positions, frozen, spot_on
+from spotlib.oracle import OracleResult, one_at_a_time, spot_on
+from spotlib.utils import frozen
 from spotlib.vit import SPoTViT
 
 N_TOKENS = 3
@@ -73,11 +74,28 @@ def test_recorded_losses_match_the_model(oracle_run):
     assert torch.equal(evaluate_positions(spot, images, labels, r.trajectory[:, 0]), r.correct_before)
 
 
-def test_evaluate_positions_matches_correct_after(oracle_run):
+def evaluate_positions(spot, images, labels, positions):
+    with torch.no_grad(), frozen(spot):
+        return spot(images, positions).argmax(-1) == labels
+
+
+def test_correct_after_matches_the_model(oracle_run):
     spot, images, labels, _, r = oracle_run
-    correct = evaluate_positions(spot, images, labels, r.positions)
-    assert correct.shape == (images.shape[0],) and correct.dtype == torch.bool
-    assert torch.equal(correct, r.correct_after)
+    assert torch.equal(evaluate_positions(spot, images, labels, r.positions), r.correct_after)
+
+
+def test_one_at_a_time_is_each_tokens_own_search(oracle_run):
+    """Token j ends where a search moving only j puts it; with one token it is the joint search."""
+    spot, images, labels, init, _ = oracle_run
+    images, labels, init = images[:4], labels[:4], init[:4, :3]
+    solo = one_at_a_time(spot, images, labels, init, steps=5, lr=LR)
+    for j in range(3):
+        movable = torch.arange(3) == j
+        alone = spot_on(spot, images, labels, init, steps=5, lr=LR, movable=movable).positions
+        torch.testing.assert_close(solo[:, j], alone[:, j], rtol=0, atol=0)
+        assert not torch.equal(solo[:, j], init[:, j])  # it moved
+    single = spot_on(spot, images, labels, init[:, :1], steps=5, lr=LR).positions
+    torch.testing.assert_close(one_at_a_time(spot, images, labels, init[:, :1], steps=5, lr=LR), single, rtol=0, atol=0)
 
 
 def test_batch_independence(oracle_run):
@@ -108,17 +126,13 @@ def test_model_untouched_and_flags_restored(trained_blob_model):
         assert all(p.grad is None for p in model.parameters())
         after = model.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before)
-        spot.eval()
-        evaluate_positions(spot, images[:4], labels[:4], init_positions(4).clamp(0, 1))
-        assert not spot.training and not model.training
-        assert {n: p.requires_grad for n, p in model.named_parameters()} == flags_mixed
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
         spot.eval()
 
 
-@pytest.mark.parametrize("call", ["spot_on", "evaluate_positions"])
+@pytest.mark.parametrize("call", ["spot_on", "one_at_a_time"])
 def test_eval_mode_of_the_wrapped_model_is_restored(vit_factory, call):
     """The common pattern ``model.eval(); spot = SPoTViT(model)`` leaves the view's own
     flag at True (nn.Module default) while the timm model is in eval mode. After the
@@ -132,7 +146,7 @@ def test_eval_mode_of_the_wrapped_model_is_restored(vit_factory, call):
     if call == "spot_on":
         spot_on(spot, x, y, pos, steps=1)
     else:
-        evaluate_positions(spot, x, y, pos)
+        one_at_a_time(spot, x, y, pos, steps=1)
     assert {name: m.training for name, m in spot.named_modules()} == modes
     assert not model.training
 

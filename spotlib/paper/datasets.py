@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
 
-from ..data import BUILD_HINT, image_label_arrays
-from ..utils import check_int
+from ..data import image_label_arrays
+from ..utils import atomic_path, check_int
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"
@@ -136,7 +133,7 @@ def _image_dataset_arrays(ds_dict, image_size: int, resize: int | None, channels
         decoded = ds.map(
             lambda batch: {"image": [_load_pil(im, image_size, resize, channels) for im in batch[image_column]]},
             batched=True, batch_size=64, num_proc=workers if workers > 1 else None, features=features,
-            removeimage_label_arrays=ds.column_names, desc=f"decode {split}")
+            remove_columns=ds.column_names, desc=f"decode {split}")
         out[target] = (image_label_arrays(decoded, ("image",))["image"], labels)
     return out, names
 
@@ -249,12 +246,9 @@ def build_dataset(
         "image_shape": list(arrays["train"][0].shape[1:]),
     }
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    datasets.DatasetDict(splits).save_to_disk(str(tmp))
-    (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with atomic_path(out_dir) as tmp:
+        datasets.DatasetDict(splits).save_to_disk(str(tmp))
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
     return out_dir
 
 

@@ -38,7 +38,8 @@ import torch
 import torch.distributed as dist
 
 from ..data import load_split
-from .train import MODES, TrainConfig, build_vit, default_device, distributed_context, train
+from ..utils import default_device
+from .train import MODES, TrainConfig, build_vit, distributed_context, train
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Mapping
 
@@ -13,6 +12,7 @@ import torch
 from matplotlib.patches import Rectangle
 
 from ..data import Split
+from ..utils import atomic_path
 
 PRIOR_ORDER = ["Patch Grid", "grid", "uniform", "gaussian", "sobol", "isotropic", "center", "salient", "SPoT-ON"]
 METRIC_LABELS = {"acc1": "Acc@1 (%)", "knn": "kNN (%)"}
@@ -25,10 +25,9 @@ def save_figure(fig: plt.Figure, stem: str | Path, pdf: bool = True) -> list[Pat
     paths = []
     for suffix in (".png", ".pdf") if pdf else (".png",):
         path = stem.with_suffix(suffix)
-        tmp = path.with_name(".tmp" + path.name)
-        fig.savefig(tmp, dpi=150, bbox_inches="tight", format=suffix[1:],
-                    metadata={"Software": None} if suffix == ".png" else {"CreationDate": None, "Producer": None})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=150, bbox_inches="tight", format=suffix[1:],
+                        metadata={"Software": None} if suffix == ".png" else {"CreationDate": None, "Producer": None})
         paths.append(path)
     return paths
 

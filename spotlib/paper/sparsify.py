@@ -93,10 +93,9 @@ same. Elementwise ops, norms and softmax are not counted (the usual convention).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import pandas as pd
 import torch
@@ -108,12 +107,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..data import Split, for_model
 from ..evaluate import top1_and_knn
-from ..oracle import frozen
 from ..tokenizer import check_images, grid_positions
-from .train import one_cycle, save_state, write_log
-from ..utils import (config_from_spec, load_safetensors, progress, read_safetensors_metadata, save_safetensors,
-                    torch_load)
-from ..vit import SPoTViT
+from .train import fit, write_log
+from ..utils import config_from_spec, frozen, load_safetensors, read_safetensors_metadata, save_safetensors
 
 PREDICTOR_FILE = "predictor.safetensors"
 STATE_FILE = "state.pt"
@@ -613,60 +609,26 @@ def train_sparsifier(
     if not 1 <= config.min_keep <= max_keep <= N:
         raise ValueError(f"need 1 <= min_keep <= max_keep <= {N} (patch tokens), got {config.min_keep}, {max_keep}")
     sparsifier.to(device)
-    predictor = sparsifier.predictor
-    steps_per_epoch = -(-len(data) // config.batch_size)
-    optimiser = torch.optim.AdamW(predictor.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = one_cycle(optimiser, config.lr, config.epochs * steps_per_epoch, config.warmup)
-    arch = dict(prune_after=sparsifier.prune_after, hidden=sparsifier.hidden, num_patches=N)
-    log, start_epoch = [], 0
-    state_path = state_dir / STATE_FILE
-    if state_path.exists():
-        state = torch_load(state_path, map_location=device, weights_only=False)
-        if state["config"] != asdict(config) or state["arch"] != arch:
-            raise ValueError(f"{state_path} was written with another config or sparsifier; delete {out_dir} to start over")
-        predictor.load_state_dict(state["predictor"])
-        optimiser.load_state_dict(state["optimiser"])
-        schedule.load_state_dict(state["schedule"])
-        log, start_epoch = state["log"], state["epoch"] + 1
-        print(f"sparsifier: resuming after epoch {start_epoch}/{config.epochs} from {state_path}", flush=True)
 
+    def step(idx: torch.Tensor, gen: torch.Generator, epoch: int):
+        images = data.normalise(data.images[idx].to(device))
+        if config.estimator == "reinforce":
+            keep = int(torch.randint(config.min_keep, max_keep + 1, (1,), generator=gen))
+            out = sparsifier.policy_loss(images, keep, config.samples, gen)
+            loss, kl, student, teacher = out["loss"], out["kl"].mean(), out["student"][0], out["teacher"]
+            keep_sum = keep * len(idx)
+        else:
+            keep = torch.randint(config.min_keep, max_keep + 1, (len(idx),), generator=gen)
+            student, teacher = sparsifier.relaxed_forward(images, keep, config.noise, gen)
+            loss = kl = distillation_loss(student, teacher)
+            keep_sum = int(keep.sum())
+        agree = (student.argmax(1) == teacher.argmax(1)).sum().item()
+        return loss, dict(loss=kl.item() * len(idx), agree=100 * agree, mean_keep=keep_sum, seen=len(idx))
+
+    arch = dict(prune_after=sparsifier.prune_after, hidden=sparsifier.hidden, num_patches=N)
     with frozen(sparsifier.model):
-        for epoch in range(start_epoch, config.epochs):
-            gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-            order = torch.randperm(len(data), generator=gen)
-            predictor.train()
-            total_loss, agree, keeps, seen, t0 = 0.0, 0, 0, 0, time.perf_counter()
-            bar = progress(range(steps_per_epoch), desc=f"sparsifier epoch {epoch + 1}/{config.epochs}", leave=False)
-            for step in bar:
-                idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-                images = data.normalise(data.images[idx].to(device))
-                if config.estimator == "reinforce":
-                    keep = int(torch.randint(config.min_keep, max_keep + 1, (1,), generator=gen))
-                    out = sparsifier.policy_loss(images, keep, config.samples, gen)
-                    loss, kl, student, teacher = out["loss"], out["kl"].mean(), out["student"][0], out["teacher"]
-                    keep_sum = keep * len(idx)
-                else:
-                    keep = torch.randint(config.min_keep, max_keep + 1, (len(idx),), generator=gen)
-                    student, teacher = sparsifier.relaxed_forward(images, keep, config.noise, gen)
-                    loss = kl = distillation_loss(student, teacher)
-                    keep_sum = int(keep.sum())
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                schedule.step()
-                total_loss += kl.item() * len(idx)
-                agree += (student.argmax(1) == teacher.argmax(1)).sum().item()
-                keeps += keep_sum
-                seen += len(idx)
-                bar.set_postfix(kl=f"{total_loss / seen:.4f}", agree=f"{100 * agree / seen:.1f}", refresh=False)
-            seconds = time.perf_counter() - t0
-            log.append(dict(epoch=epoch + 1, loss=total_loss / seen, agree=100 * agree / seen, mean_keep=keeps / seen,
-                            lr=schedule.get_last_lr()[0], seconds=seconds, images_per_s=seen / seconds))
-            sparsifier.save_predictor(out_dir / PREDICTOR_FILE)
-            save_state(dict(config=asdict(config), arch=arch, predictor=predictor.state_dict(),
-                            optimiser=optimiser.state_dict(), schedule=schedule.state_dict(), log=log, epoch=epoch),
-                       state_path)
-    predictor.eval()
+        log = fit(sparsifier.predictor, config, len(data), step, lambda: sparsifier.save_predictor(out_dir / PREDICTOR_FILE),
+                  state_dir / STATE_FILE, dict(config=asdict(config), arch=arch), "sparsifier", device)
     return write_log(log, out_dir)
 
 
@@ -725,63 +687,3 @@ def count_flops(fn: Callable, *args, **kwargs) -> int:
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
         fn(*args, **kwargs)
     return int(counter.get_total_flops())
-
-
-def _probe_images(model: VisionTransformer, batch_size: int = 1) -> torch.Tensor:
-    p = next(model.parameters())
-    C, (H, W) = model.patch_embed.proj.in_channels, model.patch_embed.img_size
-    return torch.zeros(batch_size, C, H, W, dtype=p.dtype, device=p.device)
-
-
-def sparsifier_flops_per_image(sparsifier: TokenRelevanceSparsifier, budgets: Sequence[int]) -> dict[int, int]:
-    """{keep: FLOPs per image} of the sparsifier's inference forward (predictor and attention capture included)."""
-    images = _probe_images(sparsifier.model)
-    with frozen(sparsifier):
-        return {int(keep): count_flops(sparsifier, images, sparsifier.check_keep(keep)) for keep in budgets}
-
-
-def model_flops_per_image(model: VisionTransformer) -> int:
-    """FLOPs per image of the unpruned timm model on its full grid."""
-    with frozen(model):
-        return count_flops(model, _probe_images(model))
-
-
-def spot_flops_per_image(spot: SPoTViT, budgets: Sequence[int]) -> dict[int, int]:
-    """{N: FLOPs per image} of the SPoT view with N tokens (FLOPs do not depend on the positions)."""
-    images = _probe_images(spot.model)
-    out = {}
-    with frozen(spot):
-        for n in budgets:
-            if int(n) < 1:
-                raise ValueError(f"token counts must be >= 1, got {n}")
-            positions = torch.rand(1, int(n), 2, generator=torch.Generator().manual_seed(0)).to(images.device)
-            out[int(n)] = count_flops(spot, images, positions)
-    return out
-
-
-def flops_table(
-    budgets: Sequence[int],
-    sparsifier: TokenRelevanceSparsifier | None = None,
-    spot: SPoTViT | None = None,
-    backbone: str = "",
-) -> pd.DataFrame:
-    """Tidy FLOPs per image: columns backbone, method ("sparsifier" | "spot" | "full"), tokens, flops, gflops.
-
-    Sparsifier budgets above the grid are skipped; "full" is the unpruned
-    model on its grid (tokens = N), from whichever of the two is given.
-    """
-    rows = []
-    model = sparsifier.model if sparsifier is not None else spot.model if spot is not None else None
-    if model is None:
-        raise ValueError("give a sparsifier, a SPoT view, or both")
-    if sparsifier is not None:
-        valid = [b for b in budgets if 1 <= b <= sparsifier.num_patches]
-        rows += [dict(method="sparsifier", tokens=k, flops=f) for k, f in sparsifier_flops_per_image(sparsifier, valid).items()]
-    if spot is not None:
-        rows += [dict(method="spot", tokens=n, flops=f) for n, f in spot_flops_per_image(spot, budgets).items()]
-    gh, gw = model.patch_embed.grid_size
-    rows.append(dict(method="full", tokens=gh * gw, flops=model_flops_per_image(model)))
-    frame = pd.DataFrame(rows)
-    frame.insert(0, "backbone", backbone)
-    frame["gflops"] = frame.flops / 1e9
-    return frame

@@ -7,10 +7,11 @@ in the paper (rows with the flag use the label or an external model).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
+
+from ..utils import write_text
 
 METRIC_NAMES = {"acc1": "Acc@1", "knn": "kNN"}
 
@@ -62,12 +63,6 @@ def to_latex(table: pd.DataFrame, caption: str = "") -> str:
     return cells.to_latex(index=False, escape=False, caption=caption or None, column_format="llc" + "r" * (cells.shape[1] - 3))
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_table(table: pd.DataFrame, stem: str | Path, caption: str = "") -> list[Path]:
     """Write ``stem``.csv, ``stem``.md and ``stem``.tex; returns the paths."""
     stem = Path(stem)
@@ -75,9 +70,9 @@ def save_table(table: pd.DataFrame, stem: str | Path, caption: str = "") -> list
     flat = table.copy()
     flat.columns = [" ".join(c) for c in flat.columns]
     paths = [stem.with_suffix(".csv"), stem.with_suffix(".md"), stem.with_suffix(".tex")]
-    _atomic_write(paths[0], flat.reset_index().to_csv(index=False, float_format="%.2f"))
-    _atomic_write(paths[1], to_markdown(table) + "\n")
-    _atomic_write(paths[2], to_latex(table, caption))
+    write_text(paths[0], flat.reset_index().to_csv(index=False, float_format="%.2f"))
+    write_text(paths[1], to_markdown(table) + "\n")
+    write_text(paths[2], to_latex(table, caption))
     return paths
 
 
@@ -86,7 +81,7 @@ def save_frame(frame: pd.DataFrame, stem: str | Path, caption: str = "", floatfm
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_suffix(".csv"), stem.with_suffix(".md"), stem.with_suffix(".tex")]
-    _atomic_write(paths[0], frame.to_csv(index=False))
-    _atomic_write(paths[1], frame.to_markdown(index=False, floatfmt=floatfmt) + "\n")
-    _atomic_write(paths[2], frame.to_latex(index=False, float_format=lambda v: format(v, floatfmt), caption=caption or None))
+    write_text(paths[0], frame.to_csv(index=False))
+    write_text(paths[1], frame.to_markdown(index=False, floatfmt=floatfmt) + "\n")
+    write_text(paths[2], frame.to_latex(index=False, float_format=lambda v: format(v, floatfmt), caption=caption or None))
     return paths

@@ -36,9 +36,9 @@ A checkpoint records its world size, and resuming with another one is refused.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -50,7 +50,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..data import Split
 from ..priors import PRIORS, USES_EXTERNAL_MODEL, sample_positions
-from ..utils import (atomic_path, check_choice, config_from_spec, load_safetensors, progress, save_safetensors,
+from ..utils import (atomic_path, check_choice, config_from_spec, progress, save_safetensors,
                     torch_load, write_json)
 from ..vit import SPoTViT
 
@@ -141,13 +141,6 @@ def build_vit(spec: dict) -> VisionTransformer:
     return model
 
 
-def load_vit(spec: dict, weights: str | Path) -> VisionTransformer:
-    """Build from ``spec`` and load ``weights`` (safetensors)."""
-    model = build_vit({**spec, "pretrained": False})
-    model.load_state_dict(load_safetensors(weights))
-    return model.eval()
-
-
 def one_cycle(optimiser: torch.optim.Optimizer, lr: float, total_steps: int, warmup: float):
     """One-cycle learning-rate schedule; ``warmup`` is the fraction of the steps spent warming up."""
     if abs(warmup * total_steps - 1) < 1e-6:  # OneCycleLR divides by zero when warm-up ends at step 0
@@ -178,13 +171,6 @@ def distributed_context() -> tuple[int, int]:
     return 0, 1
 
 
-def default_device() -> torch.device:
-    """``cuda:{LOCAL_RANK}`` when CUDA is available (LOCAL_RANK from torchrun, 0 otherwise), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
 def rank_seed(seed: int, epoch: int, rank: int) -> int:
     """A 63-bit seed for the per-rank position generator, derived from (seed, epoch, rank)."""
     digest = hashlib.sha256(f"spotlib.paper.train/{seed}/{epoch}/{rank}".encode()).digest()
@@ -198,6 +184,74 @@ def _barrier(device: torch.device) -> None:
         dist.barrier()
 
 
+def fit(module: torch.nn.Module, config, num_images: int, step: Callable[[torch.Tensor, torch.Generator, int], tuple],
+        save: Callable[[], None], state_path: str | Path, identity: dict, desc: str, device) -> list[dict]:
+    """The one training loop (every trainer of the project runs on it): AdamW with a one-cycle schedule.
+
+    Each epoch visits ``num_images`` in an order drawn from a generator seeded by (``config.seed``, epoch),
+    in global batches of ``config.batch_size`` per process; ``step(indices, generator, epoch)`` runs one batch
+    (this process's share under DDP) and returns the loss to back-propagate and the batch's summed
+    statistics: ``{"loss": ..., <metric>: ..., "seen": images}``. The log holds their per-image means
+    per epoch (summed over processes), with lr, seconds and images/s.
+
+    After each epoch process 0 calls ``save()`` (the weights) and writes the resumable state (the
+    trained weights, optimiser, schedule, log, epoch and ``identity``) to ``state_path`` atomically;
+    a run that finds it resumes after its epoch, to the same weights as an uninterrupted run, unless
+    its ``identity`` (config, ...) differs, which is an error. Every parameter of ``module`` trains.
+    """
+    rank, world = distributed_context()
+    state_path = Path(state_path)
+    global_batch = config.batch_size * world
+    steps_per_epoch = -(-num_images // global_batch)
+    optimiser = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = one_cycle(optimiser, config.lr, config.epochs * steps_per_epoch, config.warmup)
+    log, start_epoch = [], 0
+    if state_path.exists():
+        state = torch_load(state_path, map_location=device, weights_only=False)
+        changed = [key for key, value in identity.items() if state.get(key) != value]
+        if changed:
+            raise ValueError(f"{state_path} was written with another {' and '.join(changed)} "
+                             f"({', '.join(f'{k}: {state.get(k)!r}' for k in changed)}); resume with the same, "
+                             f"or delete {state_path.parent} to start over")
+        module.load_state_dict(state["weights"])
+        optimiser.load_state_dict(state["optimiser"])
+        schedule.load_state_dict(state["schedule"])
+        log, start_epoch = state["log"], state["epoch"] + 1
+        if rank == 0:
+            print(f"{desc}: resuming after epoch {start_epoch}/{config.epochs} from {state_path}", flush=True)
+    for epoch in range(start_epoch, config.epochs):
+        gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        order = torch.randperm(num_images, generator=gen)
+        module.train()
+        sums, t0 = {}, time.perf_counter()
+        bar = progress(range(steps_per_epoch), desc=f"{desc} epoch {epoch + 1}/{config.epochs}", leave=False,
+                       disable=rank != 0)
+        for index in bar:
+            loss, stats = step(order[index * global_batch : (index + 1) * global_batch], gen, epoch)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            sums = {key: sums.get(key, 0) + value for key, value in stats.items()}
+            bar.set_postfix({k: f"{v / max(sums['seen'], 1):.4g}" for k, v in sums.items() if k != "seen"}, refresh=False)
+        seconds = time.perf_counter() - t0
+        if world > 1:  # statistics over every process's images
+            totals = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
+            dist.all_reduce(totals)
+            sums = dict(zip(sums, totals.tolist()))
+        seen = sums.pop("seen")
+        log.append(dict(epoch=epoch + 1, **{key: value / seen for key, value in sums.items()},
+                        lr=schedule.get_last_lr()[0], seconds=seconds, images_per_s=seen / seconds))
+        if rank == 0:
+            save()
+            save_state(dict(identity, weights=module.state_dict(), optimiser=optimiser.state_dict(),
+                            schedule=schedule.state_dict(), log=log, epoch=epoch), state_path)
+        if world > 1:
+            _barrier(device)
+    module.eval()
+    return log
+
+
 def train(
     model: VisionTransformer,
     data: Split,
@@ -206,7 +260,7 @@ def train(
     device: str | torch.device = "cpu",
     state_dir: str | Path | None = None,
 ) -> pd.DataFrame:
-    """Train ``model`` in place on ``data``; resume from ``state_dir/state.pt`` if it is there.
+    """Train ``model`` in place on ``data`` with :func:`fit`; resume from ``state_dir/state.pt`` if it is there.
 
     ``out_dir`` receives ``model.safetensors`` and the log; ``state_dir`` (default
     ``out_dir``) the resumable ``state.pt``.
@@ -214,12 +268,11 @@ def train(
     Under an initialised ``torch.distributed`` process group of more than one
     process this is DDP training (see the module docstring): call it on every
     rank with the same arguments (``device`` being the rank's own, e.g.
-    :func:`default_device`); ``config.batch_size`` is per process.
+    :func:`spotlib.utils.default_device`); ``config.batch_size`` is per process.
 
     Returns the per-epoch log (epoch, loss, acc, lr, seconds, images_per_s).
     """
     rank, world = distributed_context()
-    distributed = world > 1
     device = torch.device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -232,117 +285,45 @@ def train(
     if not 1 <= config.min_tokens <= max_tokens:
         raise ValueError(f"need 1 <= min_tokens <= max_tokens, got {config.min_tokens}, {max_tokens}")
     model.to(device)
-    global_batch = config.batch_size * world
-    steps_per_epoch = -(-len(data) // global_batch)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = one_cycle(optimiser, config.lr, config.epochs * steps_per_epoch, config.warmup)
-    log, start_epoch = [], 0
-    state_path = state_dir / "state.pt"
-    if state_path.exists():
-        state = torch_load(state_path, map_location=device, weights_only=False)
-        if state["config"] != asdict(config):
-            raise ValueError(f"{state_path} was written with another config; delete {out_dir} to start over")
-        if state.get("world_size", 1) != world:
-            raise ValueError(f"{state_path} was written by {state.get('world_size', 1)} process(es), this run has "
-                             f"{world}; resume with the same number or delete {out_dir} to start over")
-        model.load_state_dict(state["model"])
-        optimiser.load_state_dict(state["optimiser"])
-        schedule.load_state_dict(state["schedule"])
-        log, start_epoch = state["log"], state["epoch"] + 1
-        if rank == 0:
-            print(f"{config.mode}: resuming after epoch {start_epoch}/{config.epochs} from {state_path}", flush=True)
-
-    if distributed:
+    forward = spot if config.mode == "spot" else model
+    if world > 1:
         # Wrap the module whose forward is called, so that DDP's hooks all-reduce the gradients.
         # (Construction broadcasts rank 0's weights; after a resume they are equal already.)
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            spot if config.mode == "spot" else model,
-            device_ids=[device.index if device.index is not None else torch.cuda.current_device()]
-            if device.type == "cuda" else None,
-        )
+        forward = torch.nn.parallel.DistributedDataParallel(
+            forward, device_ids=[device.index if device.index is not None else torch.cuda.current_device()]
+            if device.type == "cuda" else None)
+    rank_gens: dict[int, torch.Generator] = {}
 
-    for epoch in range(start_epoch, config.epochs):
-        gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        order = torch.randperm(len(data), generator=gen)
-        if distributed:
-            rank_gen = torch.Generator().manual_seed(rank_seed(config.seed, epoch, rank))
-        model.train()
-        total_loss, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
-        bar = progress(range(steps_per_epoch), desc=f"{config.mode} epoch {epoch + 1}/{config.epochs}", leave=False,
-                   disable=rank != 0)
-        for step in bar:
-            if distributed:
-                optimiser.zero_grad(set_to_none=True)
-                loss_sum, n_correct, n_seen = _ddp_step(
-                    ddp, data, config, order[step * global_batch : (step + 1) * global_batch], rank, world, gen,
-                    rank_gen, max_tokens, spot.grid_size, device)
-                total_loss += loss_sum
-            else:
-                idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-                images = data.normalise(data.images[idx].to(device))
-                labels = data.labels[idx].to(device)
-                if config.mode == "grid":
-                    logits = model(images)
-                else:
-                    n = int(torch.randint(config.min_tokens, max_tokens + 1, (1,), generator=gen))
-                    prior = config.priors[int(torch.randint(len(config.priors), (1,), generator=gen))]
-                    positions = sample_positions(prior, len(idx), n, seed=gen, image_size=data.image_size,
-                                                 grid_size=spot.grid_size, device=device)
-                    logits = spot(images, positions)
-                loss = F.cross_entropy(logits, labels)
-                total_loss += loss.item() * len(idx)
-                n_correct, n_seen = (logits.argmax(1) == labels).sum().item(), len(idx)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-            optimiser.step()
-            schedule.step()
-            correct += n_correct
-            seen += n_seen
-            bar.set_postfix(loss=f"{total_loss / max(seen, 1):.3f}", acc=f"{100 * correct / max(seen, 1):.1f}", refresh=False)
-        seconds = time.perf_counter() - t0
-        if distributed:  # loss and accuracy over every rank's images
-            totals = torch.tensor([total_loss, correct, seen], dtype=torch.float64, device=device)
-            dist.all_reduce(totals)
-            total_loss, correct, seen = totals[0].item(), int(totals[1].item()), int(totals[2].item())
-        log.append(dict(epoch=epoch + 1, loss=total_loss / seen, acc=100 * correct / seen,
-                        lr=schedule.get_last_lr()[0], seconds=seconds, images_per_s=seen / seconds))
-        if rank == 0:
-            save_safetensors(model.state_dict(), out_dir / "model.safetensors")
-            save_state(dict(config=asdict(config), model=model.state_dict(), optimiser=optimiser.state_dict(),
-                            schedule=schedule.state_dict(), log=log, epoch=epoch, world_size=world), state_path)
-        if distributed:
-            _barrier(device)
+    def step(batch: torch.Tensor, gen: torch.Generator, epoch: int):
+        """One global batch: this process's share (all of it in one process). Under DDP the summed cross
+        entropy times world / len(batch) is back-propagated, so DDP's average over processes is the gradient
+        of the mean loss over the global batch; N and the prior come from the shared generator (the same on
+        every process), positions from a per-process one."""
+        idx, weight = torch.tensor_split(batch, world)[rank], world / len(batch)
+        if len(idx) == 0:  # a last global batch smaller than the world: join the all-reduce with a zero gradient
+            idx, weight = batch[:1], 0.0
+        images, labels = data.normalise(data.images[idx].to(device)), data.labels[idx].to(device)
+        if config.mode == "grid":
+            logits = forward(images)
+        else:
+            n = int(torch.randint(config.min_tokens, max_tokens + 1, (1,), generator=gen))
+            prior = config.priors[int(torch.randint(len(config.priors), (1,), generator=gen))]
+            if world > 1 and epoch not in rank_gens:
+                rank_gens[epoch] = torch.Generator().manual_seed(rank_seed(config.seed, epoch, rank))
+            positions = sample_positions(prior, len(idx), n, seed=rank_gens[epoch] if world > 1 else gen,
+                                         image_size=data.image_size, grid_size=spot.grid_size, device=device)
+            logits = forward(images, positions)
+        if world == 1:
+            loss = F.cross_entropy(logits, labels)
+            return loss, dict(loss=loss.item() * len(idx), acc=100 * (logits.argmax(1) == labels).sum().item(),
+                              seen=len(idx))
+        ce = F.cross_entropy(logits, labels, reduction="sum")
+        stats = dict(loss=ce.item(), acc=100 * (logits.argmax(1) == labels).sum().item(), seen=len(idx))
+        return ce * weight, (stats if weight else dict.fromkeys(stats, 0))
+
+    log = fit(model, config, len(data), step, lambda: save_safetensors(model.state_dict(), out_dir / "model.safetensors"),
+              state_dir / "state.pt", dict(config=asdict(config), world_size=world), config.mode, device)
     frame = write_log(log, out_dir) if rank == 0 else pd.DataFrame(log)
-    if distributed:
+    if world > 1:
         _barrier(device)
-    model.eval()
     return frame
-
-
-def _ddp_step(ddp, data: Split, config: TrainConfig, batch: torch.Tensor, rank: int, world: int,
-              gen: torch.Generator, rank_gen: torch.Generator, max_tokens: int, grid_size, device):
-    """Forward and backward of this rank's share of one global batch (indices ``batch``).
-
-    Returns (summed cross entropy, correct, images) of the share. The loss that is
-    back-propagated is the summed cross entropy times world / len(batch), so DDP's
-    average over ranks is the gradient of the mean loss over the whole global batch.
-    """
-    idx = torch.tensor_split(batch, world)[rank]
-    weight = world / len(batch)
-    if len(idx) == 0:  # a last global batch smaller than the world: join the all-reduce with a zero gradient
-        idx, weight = batch[:1], 0.0
-    images = data.normalise(data.images[idx].to(device))
-    labels = data.labels[idx].to(device)
-    if config.mode == "grid":
-        logits = ddp(images)
-    else:  # N and the prior from the shared generator (same on all ranks), positions per rank
-        n = int(torch.randint(config.min_tokens, max_tokens + 1, (1,), generator=gen))
-        prior = config.priors[int(torch.randint(len(config.priors), (1,), generator=gen))]
-        positions = sample_positions(prior, len(idx), n, seed=rank_gen, image_size=data.image_size,
-                                     grid_size=grid_size, device=device)
-        logits = ddp(images, positions)
-    ce = F.cross_entropy(logits, labels, reduction="sum")
-    (ce * weight).backward()
-    if weight == 0.0:
-        return 0.0, 0, 0
-    return ce.item(), (logits.argmax(1) == labels).sum().item(), len(idx)
