@@ -227,7 +227,7 @@ def test_torchrun_spot_finetune_on_smoke_data(tmp_path):
     """`torchrun -m spotlib.paper.finetune` with 2 gloo processes on the smoke profile's data (Fashion-MNIST) and
     its model A: the SPoT fine-tune of the pipeline, as a user would launch it on many GPUs."""
     from spotlib.paper.datasets import build_dataset
-    from spotlib.paper.pipeline import load_params
+    from spotlib.paper.config import load_params
 
     params = load_params("smoke", REPO / "params.yaml")
     data = build_dataset(tmp_path / "data", **{**params["data"], "train_size": 256, "test_size": 64})

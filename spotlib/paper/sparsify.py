@@ -95,8 +95,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
@@ -108,8 +109,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..data import Split, for_model
 from ..evaluate import top1_and_knn
 from ..tokenizer import check_images, grid_positions
+from ..utils import (config_from_spec, frozen, images_per_second, load_safetensors, mixed_precision,
+                     read_safetensors_metadata, save_safetensors)
+from ..vit import SPoTViT
+from .study import acc1, best_prior, spot_on_rows
 from .train import fit, write_log
-from ..utils import config_from_spec, frozen, load_safetensors, read_safetensors_metadata, save_safetensors
 
 PREDICTOR_FILE = "predictor.safetensors"
 STATE_FILE = "state.pt"
@@ -229,6 +233,7 @@ class TokenRelevanceSparsifier(nn.Module):
         hidden: hidden width of the relevance predictor.
         input_stats: (mean, std) the backbone expects its inputs normalised with, or None for
             the dataset's statistics (see :func:`spotlib.data.for_model`).
+        seed: if set, seeds torch's global generator before the predictor's random init.
 
     ``forward(images, keep)`` -> logits (B, num_classes); ``features(images, keep)``
     -> pooled pre-logits (B, D); ``scores(images)`` -> relevance (B, N) in raster
@@ -237,7 +242,8 @@ class TokenRelevanceSparsifier(nn.Module):
     trainable weights of its own; the backbone stays ``self.model``.
     """
 
-    def __init__(self, model: VisionTransformer, prune_after: int, hidden: int = 64, input_stats=None):
+    def __init__(self, model: VisionTransformer, prune_after: int, hidden: int = 64, input_stats=None,
+                 seed: int | None = None):
         super().__init__()
         self.input_stats = input_stats
         if not isinstance(model, VisionTransformer):
@@ -259,6 +265,8 @@ class TokenRelevanceSparsifier(nn.Module):
         self.model = model
         self.prune_after = prune_after
         self.hidden = hidden
+        if seed is not None:
+            torch.manual_seed(seed)
         self.predictor = RelevancePredictor(model.embed_dim, self.num_attn_features, hidden)
 
     # -- shape facts -------------------------------------------------------------------------
@@ -687,3 +695,56 @@ def count_flops(fn: Callable, *args, **kwargs) -> int:
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
         fn(*args, **kwargs)
     return int(counter.get_total_flops())
+
+
+# -- against SPoT: costs and accuracy at equal FLOPs ---------------------------------------------
+def method_costs(name: str, sparsifier, spot: SPoTViT, test: Split, budgets: Sequence[int], throughput_batch: int,
+                 device) -> list[dict]:
+    """FLOPs per image and images/s of token relevance and of SPoT at each budget (any pixels will do)."""
+    x = test.normalise(test.images[:1].to(device))
+    repeat = -(-throughput_batch // len(test))
+    xb = test.normalise(test.images[:throughput_batch].repeat(repeat, 1, 1, 1)[:throughput_batch].to(device))
+    rows = []
+    for n in budgets:
+        pos1, posb = spot.grid_positions(1, device)[:, :n], spot.grid_positions(len(xb), device)[:, :n]
+        with torch.no_grad(), mixed_precision(device):  # bfloat16 on a GPU, as the evaluation
+            rows += [dict(backbone=name, method="Token relevance", tokens=n, flops=count_flops(sparsifier, x, n),
+                          images_per_s=images_per_second(lambda: sparsifier(xb, n), len(xb))),
+                     dict(backbone=name, method="SPoT", tokens=n, flops=count_flops(spot, x, pos1),
+                          images_per_s=images_per_second(lambda: spot(xb, posb), len(xb)))]
+    return rows
+
+
+def compare_at_equal_flops(relevance: pd.DataFrame, costs: pd.DataFrame, sweep: pd.DataFrame,
+                           oracle: pd.DataFrame) -> pd.DataFrame:
+    """Token relevance against SPoT (best prior, interpolated to equal FLOPs), SPoT-ON and the Patch Grid."""
+    best_spot = best_prior(sweep)
+    patch_grid = acc1(sweep[sweep.model == "ViT"]).set_index(["backbone", "tokens"]).value
+    ceiling = acc1(spot_on_rows(oracle)).set_index(["backbone", "tokens"]).value
+    mine = acc1(relevance).set_index(["backbone", "tokens"]).value
+    flops = costs.set_index(["backbone", "method", "tokens"]).flops
+    rows = []
+    for name, group in relevance.groupby("backbone", sort=False):
+        budgets = list(dict.fromkeys(group.tokens))
+        spot_flops = [flops[name, "SPoT", n] for n in budgets]
+        spot_acc = [best_spot.get((name, n), float("nan")) for n in budgets]
+        for n in budgets:
+            f = flops[name, "Token relevance", n]
+            # SPoT's cost grows with N; outside its range there is no SPoT point at this cost
+            at_equal = float(np.interp(f, spot_flops, spot_acc)) if spot_flops[0] <= f <= spot_flops[-1] else None
+            rows.append(dict(backbone=name, tokens=n, relevance=mine[name, n], spot_best_prior=best_spot.get((name, n)),
+                             spot_on=ceiling.get((name, n)), patch_grid=patch_grid.get((name, n)),
+                             relevance_mflops=f / 1e6, spot_mflops=flops[name, "SPoT", n] / 1e6,
+                             spot_at_equal_flops=at_equal))
+    return pd.DataFrame(rows)
+
+
+def cost_points(costs: pd.DataFrame, relevance: pd.DataFrame, sweep: pd.DataFrame) -> pd.DataFrame:
+    """One point per method and budget: MFLOPs, images/s and top-1 (SPoT: its best prior)."""
+    best = best_prior(sweep)
+    mine = acc1(relevance).set_index(["backbone", "tokens"]).value
+    return pd.DataFrame([
+        dict(backbone=r.backbone, method=r.method if r.method != "SPoT" else "SPoT (best prior)", tokens=r.tokens,
+             mflops=r.flops / 1e6, images_per_s=r.images_per_s,
+             acc1=mine[r.backbone, r.tokens] if r.method == "Token relevance" else best.get((r.backbone, r.tokens)))
+        for r in costs.itertuples()])[["backbone", "method", "tokens", "mflops", "acc1", "images_per_s"]]

@@ -20,7 +20,6 @@ import torch
 
 from ..data import Split, load_split
 from ..utils import default_device
-from .backbones import load_backbones
 from .config import PARAMS_FILE, check_stage, load_params, repo_root
 from .pipeline import check_parameters, check_upstream, resume_dir
 
@@ -45,12 +44,17 @@ class Stage:
         check_upstream(name, self.out_root, self.root)
         namespace.update(self.params)
         self.results = self.out_root / "results"
-        self.out_dir = self.results / name
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.figures = self.out_root / "figures"
         self.device = default_device()
         print(f"profile {self.profile}: stage {name}, results under {self.results}")
         print("parameters:", ", ".join(f"{key}={value!r}" for key, value in self.params.items()))
+
+    @property
+    def out_dir(self) -> Path:
+        """``results/<stage>/``, the stage's outputs (created)."""
+        path = self.results / self.name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     @property
     def resume_dir(self) -> Path:
@@ -63,6 +67,8 @@ class Stage:
 
     def backbones(self, device=None) -> dict:
         """``{name: {"grid": view, "spot": view}}`` from the backbones stage (see ``load_backbones``)."""
+        from .backbones import load_backbones
+
         return load_backbones(self.results / "backbones" / "models.json", device or self.device)
 
     def saliency(self, split: str, size: int) -> torch.Tensor:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -17,7 +16,6 @@ from ..data import Split, for_model
 from ..evaluate import draw_positions, evaluate
 from ..oracle import OracleResult, one_at_a_time, spot_on, spot_on_split
 from ..tokenizer import sample_points, snap_to_grid
-from ..utils import images_per_second, mixed_precision
 from ..vit import SPoTViT
 from .stats import bootstrap_ci, paired_permutation_test
 
@@ -66,7 +64,7 @@ def prior_ranking(tidy: pd.DataFrame) -> tuple[dict, list[str]]:
         best, second = ranked.iloc[0], ranked.iloc[1]
         entry = {"best_prior": best.prior, "best": best.value, "margin": best.value - second.value,
                  "patch_grid": value[name, "ViT", "grid", n, metric]}
-        if "salient" in set(plain.prior):
+        if "salient" in set(tidy.prior):
             entry["salient"] = value[name, "SPoT", "salient", n, metric]
         metrics[f"{name}/{n}/{metric}"] = entry
         lines.append(f"{name} {n:>2} tokens {metric:>4}: best {best.prior:<9} {best.value:5.1f} (+{entry['margin']:.1f} "
@@ -182,58 +180,3 @@ def misalignment(runs: Mapping[tuple, OracleResult], models: Mapping[str, SPoTVi
                 acc = evaluate(model, test, None, prior, n, positions=pos, device=device)["acc1"]
                 rows.append(dict(backbone=name, tokens=n, positions=kind, acc1=acc))
     return pd.DataFrame(rows)
-
-
-# -- the learned sparsification baseline ---------------------------------------------------------
-def method_costs(name: str, sparsifier, spot: SPoTViT, test: Split, budgets: Sequence[int], throughput_batch: int,
-                 device) -> list[dict]:
-    """FLOPs per image and images/s of token relevance and of SPoT at each budget (any pixels will do)."""
-    from .sparsify import count_flops
-
-    x = test.normalise(test.images[:1].to(device))
-    repeat = -(-throughput_batch // len(test))
-    xb = test.normalise(test.images[:throughput_batch].repeat(repeat, 1, 1, 1)[:throughput_batch].to(device))
-    rows = []
-    for n in budgets:
-        pos1, posb = spot.grid_positions(1, device)[:, :n], spot.grid_positions(len(xb), device)[:, :n]
-        with torch.no_grad(), mixed_precision(device):  # bfloat16 on a GPU, as the evaluation
-            rows += [dict(backbone=name, method="Token relevance", tokens=n, flops=count_flops(sparsifier, x, n),
-                          images_per_s=images_per_second(lambda: sparsifier(xb, n), len(xb))),
-                     dict(backbone=name, method="SPoT", tokens=n, flops=count_flops(spot, x, pos1),
-                          images_per_s=images_per_second(lambda: spot(xb, posb), len(xb)))]
-    return rows
-
-
-def compare_at_equal_flops(relevance: pd.DataFrame, costs: pd.DataFrame, sweep: pd.DataFrame,
-                           oracle: pd.DataFrame) -> pd.DataFrame:
-    """Token relevance against SPoT (best prior, interpolated to equal FLOPs), SPoT-ON and the Patch Grid."""
-    best_spot = best_prior(sweep)
-    patch_grid = acc1(sweep[sweep.model == "ViT"]).set_index(["backbone", "tokens"]).value
-    ceiling = acc1(spot_on_rows(oracle)).set_index(["backbone", "tokens"]).value
-    mine = acc1(relevance).set_index(["backbone", "tokens"]).value
-    flops = costs.set_index(["backbone", "method", "tokens"]).flops
-    rows = []
-    for name, group in relevance.groupby("backbone", sort=False):
-        budgets = list(dict.fromkeys(group.tokens))
-        spot_flops = [flops[name, "SPoT", n] for n in budgets]
-        spot_acc = [best_spot.get((name, n), float("nan")) for n in budgets]
-        for n in budgets:
-            f = flops[name, "Token relevance", n]
-            # SPoT's cost grows with N; outside its range there is no SPoT point at this cost
-            at_equal = float(np.interp(f, spot_flops, spot_acc)) if spot_flops[0] <= f <= spot_flops[-1] else None
-            rows.append(dict(backbone=name, tokens=n, relevance=mine[name, n], spot_best_prior=best_spot.get((name, n)),
-                             spot_on=ceiling.get((name, n)), patch_grid=patch_grid.get((name, n)),
-                             relevance_mflops=f / 1e6, spot_mflops=flops[name, "SPoT", n] / 1e6,
-                             spot_at_equal_flops=at_equal))
-    return pd.DataFrame(rows)
-
-
-def cost_points(costs: pd.DataFrame, relevance: pd.DataFrame, sweep: pd.DataFrame) -> pd.DataFrame:
-    """One point per method and budget: MFLOPs, images/s and top-1 (SPoT: its best prior)."""
-    best = best_prior(sweep)
-    mine = acc1(relevance).set_index(["backbone", "tokens"]).value
-    return pd.DataFrame([
-        dict(backbone=r.backbone, method=r.method if r.method != "SPoT" else "SPoT (best prior)", tokens=r.tokens,
-             mflops=r.flops / 1e6, images_per_s=r.images_per_s,
-             acc1=mine[r.backbone, r.tokens] if r.method == "Token relevance" else best.get((r.backbone, r.tokens)))
-        for r in costs.itertuples()])[["backbone", "method", "tokens", "mflops", "acc1", "images_per_s"]]
