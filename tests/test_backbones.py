@@ -12,7 +12,7 @@ from checkpoint_formats import mae_state_dict, published_state_dict
 from conftest import make_split
 from spotlib.paper.backbones import (VIT_SOURCES, build_model, create_grid_vit, fit_linear_probe, load_backbones,
                                      prepare_backbone)
-from spotlib.utils import write_json
+from spotlib.paper.io import write_json
 from spotlib.paper.checkpoints import IMAGENET_MEAN, IMAGENET_STD, PublishedSPoT
 from spotlib.data import for_model
 from spotlib.evaluate import embed

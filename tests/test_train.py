@@ -15,7 +15,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import spotlib.paper.train as train_module
 from spotlib.paper.train import MODES, TrainConfig, build_vit, train
-from spotlib.utils import load_safetensors
+from spotlib.paper.io import load_safetensors
 
 SPEC = dict(img_size=8, patch_size=4, in_chans=1, num_classes=2, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0)
 

@@ -1,4 +1,4 @@
-"""spotlib.utils: integer checks, the atomic writer, deterministic safetensors, loaders that name the file."""
+"""spotlib.utils and spotlib.paper.io: integer checks, the atomic writer, deterministic safetensors, loaders that name the file."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from spotlib.utils import (atomic_path, check_int, config_from_spec, load_safetensors, read_json,
-                           read_safetensors_metadata, save_safetensors, torch_load, write_json)
+from spotlib.utils import check_int, read_json
+from spotlib.paper.io import atomic_path, config_from_spec, load_safetensors, read_safetensors_metadata, save_safetensors, torch_load, write_json
 
 
 @pytest.mark.parametrize("value", [3, np.int64(3), np.uint8(3), torch.tensor(3)])

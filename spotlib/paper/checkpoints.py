@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from ..tokenizer import check_images, check_positions
-from ..utils import check_int, torch_load
+from ..utils import check_int
+from .io import torch_load
 from ..vit import SPoTViT
 
 __all__ = [
@@ -243,19 +244,9 @@ def published_tokenize(
 
 
 # -- the published SPoT model --------------------------------------------------
-def build_published_vit(
-    variant: str,
-    *,
-    window: int = 16,
-    embed_dim: int = 768,
-    depth: int = 12,
-    num_heads: int = 12,
-    mlp_ratio: float = 4.0,
-    num_classes: int = 1000,
-    img_size: int = 224,
-    in_chans: int = 4,
-    weight_init: str = "",
-) -> VisionTransformer:
+def build_published_vit(variant: str, *, window: int = 16, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
+                        mlp_ratio: float = 4.0, num_classes: int = 1000, img_size: int = 224, in_chans: int = 4,
+                        weight_init: str = "") -> VisionTransformer:
     """The timm ``VisionTransformer`` that holds a published SPoT model's weights (random init).
 
     Defaults are SPoT-B/16 (depth 12, width 768, 12 heads, MLP 3072, 1000
@@ -438,18 +429,9 @@ def load_published_spot(
 
 
 # -- MAE ViT-B/16 fine-tuned -----------------------------------------------------
-def build_mae_vit(
-    *,
-    img_size: int = 224,
-    patch_size: int = 16,
-    in_chans: int = 3,
-    embed_dim: int = 768,
-    depth: int = 12,
-    num_heads: int = 12,
-    mlp_ratio: float = 4.0,
-    num_classes: int = 1000,
-    weight_init: str = "",
-) -> VisionTransformer:
+def build_mae_vit(*, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, depth: int = 12,
+                  num_heads: int = 12, mlp_ratio: float = 4.0, num_classes: int = 1000,
+                  weight_init: str = "") -> VisionTransformer:
     """timm ``vit_base_patch16_224``-style ViT as MAE fine-tunes it: global average pooling + ``fc_norm``.
 
     Class token with a positional embedding entry (pos_embed (1, 1 + gh * gw, D)),

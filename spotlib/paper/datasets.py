@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from ..data import image_label_arrays
-from ..utils import atomic_path, check_int
+from ..utils import check_int
+from .io import atomic_path
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"

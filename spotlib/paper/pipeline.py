@@ -34,7 +34,8 @@ from typing import Mapping
 
 import yaml
 
-from ..utils import PROGRESS_ENV, atomic_path
+from ..utils import PROGRESS_ENV
+from .io import atomic_path
 from .config import (PARAMS_FILE, ConfigError, check_params, check_stage, dvc_overrides, load_params, profile_names,
                      repo_root)
 

@@ -12,7 +12,7 @@ import torch
 from matplotlib.patches import Rectangle
 
 from ..data import Split
-from ..utils import atomic_path
+from .io import atomic_path
 
 PRIOR_ORDER = ["Patch Grid", "grid", "uniform", "gaussian", "sobol", "isotropic", "center", "salient", "SPoT-ON"]
 METRIC_LABELS = {"acc1": "Acc@1 (%)", "knn": "kNN (%)"}

@@ -45,8 +45,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..utils import check_int, load_safetensors, read_safetensors_metadata, save_safetensors
+from ..utils import check_int
 from ..utils import progress as progress_bar
+from .io import load_safetensors, read_safetensors_metadata, save_safetensors
 
 __all__ = [
     "SALIENCY_SOURCES", "ImgFocusSaliency", "SaliencyModelUnavailable", "SaliencySource",

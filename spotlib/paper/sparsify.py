@@ -109,9 +109,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..data import Split, for_model
 from ..evaluate import top1_and_knn
 from ..tokenizer import check_images, grid_positions
-from ..utils import (config_from_spec, frozen, images_per_second, load_safetensors, mixed_precision,
-                     read_safetensors_metadata, save_safetensors)
+from ..utils import frozen, images_per_second, mixed_precision
 from ..vit import SPoTViT
+from .io import config_from_spec, load_safetensors, read_safetensors_metadata, save_safetensors
 from .study import acc1, best_prior, spot_on_rows
 from .train import fit, write_log
 
@@ -581,14 +581,8 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
     return F.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="batchmean")
 
 
-def train_sparsifier(
-    sparsifier: TokenRelevanceSparsifier,
-    data: Split,
-    config: SparsifyConfig,
-    out_dir: str | Path,
-    device: str | torch.device = "cpu",
-    state_dir: str | Path | None = None,
-) -> pd.DataFrame:
+def train_sparsifier(sparsifier: TokenRelevanceSparsifier, data: Split, config: SparsifyConfig, out_dir: str | Path,
+                     device: str | torch.device = "cpu", state_dir: str | Path | None = None) -> pd.DataFrame:
     """Train the predictor of ``sparsifier`` in place; resume from ``state_dir`` (default ``out_dir``)
     if a checkpoint is there.
 

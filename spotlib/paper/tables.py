@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..utils import write_text
+from .io import write_text
 
 METRIC_NAMES = {"acc1": "Acc@1", "knn": "kNN"}
 

@@ -50,8 +50,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..data import Split
 from ..priors import PRIORS, USES_EXTERNAL_MODEL, sample_positions
-from ..utils import (atomic_path, check_choice, config_from_spec, progress, save_safetensors,
-                    torch_load, write_json)
+from ..utils import progress
+from .io import atomic_path, check_choice, config_from_spec, save_safetensors, torch_load, write_json
 from ..vit import SPoTViT
 
 MODES = ("grid", "spot")
