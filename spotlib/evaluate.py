@@ -43,25 +43,30 @@ def draw_positions(
 
 @torch.no_grad()
 def embed(
-    model: SPoTViT, split: Split, positions: torch.Tensor, batch_size: int = 256, device=None, desc: str | None = None,
-    amp: bool | None = None,
+    model: SPoTViT, split: Split, positions: torch.Tensor | int, batch_size: int = 256, device=None,
+    desc: str | None = None, amp: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (n, K) and pooled features (n, D) of ``split`` at ``positions`` (n, N, 2), float32 on the CPU.
 
-    Images are normalised as the model expects (:func:`spotlib.data.for_model`);
-    ``amp``: bfloat16 autocast (default: on CUDA only). ``desc``: show a progress bar in images/s.
+    ``model``: anything with ``forward_features(images, x)`` and its timm ViT as ``model.model`` (a
+    :class:`SPoTViT`; also the token-relevance sparsifier, whose ``x``, ``positions`` here, is its
+    token budget, an int passed unchanged to every batch). Images are normalised as the model expects
+    (:func:`spotlib.data.for_model`); ``amp``: bfloat16 autocast (default: on CUDA only). ``desc``: show
+    a progress bar in images/s.
     """
     check_not_empty(split, "split")
-    check_positions(positions, name="positions")
-    if positions.shape[0] != len(split):
-        raise ValueError(f"positions hold {positions.shape[0]} images, the split {len(split)}")
+    if isinstance(positions, torch.Tensor):
+        check_positions(positions, name="positions")
+        if positions.shape[0] != len(split):
+            raise ValueError(f"positions hold {positions.shape[0]} images, the split {len(split)}")
     batch_size = check_int(batch_size, "batch_size", 1)
     logits, feats = [], []
     split = for_model(split, model)
     with frozen(model), mixed_precision(device, amp):
         bar = progress(total=len(split), desc=desc, unit="img", unit_scale=True, leave=False, disable=desc is None)
         for sl, images, _ in split.batches(batch_size, device):
-            tokens = model.forward_features(images, positions[sl].to(images.device, non_blocking=True))
+            where = positions[sl].to(images.device, non_blocking=True) if torch.is_tensor(positions) else positions
+            tokens = model.forward_features(images, where)
             pooled = model.model.forward_head(tokens, pre_logits=True)
             feats.append(pooled.float().cpu())
             logits.append(model.model.head(pooled).float().cpu())

@@ -57,11 +57,17 @@ def test_dvc_exp_run_overrides_give_the_profile(tmp_path, profile):
     from dvc.utils.hydra import apply_overrides
 
     (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    shutil.copytree(ROOT / "profiles", tmp_path / "profiles")
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     apply_overrides(tmp_path / "params.yaml", dvc_overrides(profile, ROOT))
     assert load_params(None, tmp_path / "params.yaml") == load_params(profile, ROOT / "params.yaml")
     with pytest.raises(ConfigError, match=f"already resolved for profile '{profile}'"):
         load_params("embedded" if profile != "embedded" else "smoke", tmp_path / "params.yaml")
+    # the profile's label alone (dvc exp run -S profile=...) would run the embedded values: refused
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    apply_overrides(tmp_path / "params.yaml", [f"profile={profile}"])
+    with pytest.raises(ConfigError, match=f"says profile '{profile}' but lacks most of profiles/{profile}.yaml"):
+        load_params(None, tmp_path / "params.yaml")
 
 
 def test_editing_a_profile_that_is_not_running_reruns_nothing(tmp_path):

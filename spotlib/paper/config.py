@@ -114,6 +114,8 @@ def load_params(profile: str | None = None, path: str | Path | None = None,
     resolved_for = params.pop("profile", BASE_PROFILE)
     profile = profile or resolved_for
     _check_sections(params, path.name)
+    if resolved_for != BASE_PROFILE:
+        _check_applied(params, read_profile(resolved_for, path.parent), resolved_for)
     if profile != resolved_for:
         if resolved_for != BASE_PROFILE:
             raise ConfigError(f"{path.name} is already resolved for profile {resolved_for!r} (inside `dvc exp run`?); "
@@ -123,6 +125,34 @@ def load_params(profile: str | None = None, path: str | Path | None = None,
         params = apply_override(params, item)
     params["profile"] = profile
     return params
+
+
+def _leaves(overlay: Mapping, prefix: str = ""):
+    for key, value in overlay.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _check_applied(params: Mapping, overlay: Mapping, profile: str) -> None:
+    """params.yaml says it holds ``profile``: refuse it when most of the overlay's values are missing (only
+    its label was set, e.g. ``dvc exp run -S profile=natural``, which would run the embedded values; a few
+    differ when single values were overridden on top of the profile)."""
+    def value_at(dotted: str):
+        node = params
+        for key in dotted.split("."):
+            if not isinstance(node, Mapping) or key not in node:
+                return None
+            node = node[key]
+        return node
+
+    leaves = list(_leaves(overlay))
+    missing = [key for key, value in leaves if value_at(key) != value]
+    if 2 * len(missing) > len(leaves):
+        raise ConfigError(f"params.yaml says profile {profile!r} but lacks most of {PROFILES_DIR}/{profile}.yaml's "
+                          f"values (e.g. {missing[0]}); apply a profile with all its values: make repro "
+                          f"PROFILE={profile} (python -m spotlib.paper.pipeline exp --profile {profile})")
 
 
 def apply_override(params: dict, item: str) -> dict:

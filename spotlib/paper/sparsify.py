@@ -107,7 +107,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..data import Split, for_model
-from ..evaluate import top1_and_knn
+from ..evaluate import embed, top1_and_knn
 from ..tokenizer import check_images, grid_positions
 from ..utils import frozen, images_per_second, mixed_precision
 from ..vit import SPoTViT
@@ -635,22 +635,6 @@ def train_sparsifier(sparsifier: TokenRelevanceSparsifier, data: Split, config: 
 
 
 # -- evaluation ------------------------------------------------------------------------------
-@torch.no_grad()
-def embed_sparsifier(
-    sparsifier: TokenRelevanceSparsifier, split: Split, keep: int, batch_size: int = 256, device=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (n, K) and pooled features (n, D) of ``split`` at budget ``keep`` (CPU tensors)."""
-    keep = sparsifier.check_keep(keep)
-    logits, feats = [], []
-    split = for_model(split, sparsifier)
-    with frozen(sparsifier):
-        for _, images, _ in split.batches(batch_size, device):
-            pooled = sparsifier.model.forward_head(sparsifier.forward_features(images, keep), pre_logits=True)
-            feats.append(pooled.float().cpu())
-            logits.append(sparsifier.model.head(pooled).float().cpu())
-    return torch.cat(logits), torch.cat(feats)
-
-
 def evaluate_sparsifier(
     sparsifier: TokenRelevanceSparsifier,
     test: Split,
@@ -663,8 +647,9 @@ def evaluate_sparsifier(
     device=None,
 ) -> dict[str, float]:
     """{"acc1": %, "knn": %} at budget ``keep``, as :func:`spotlib.evaluate.evaluate` (bank at the same budget)."""
-    logits, feats = embed_sparsifier(sparsifier, test, keep, batch_size, device)
-    bank_feats = None if bank is None else embed_sparsifier(sparsifier, bank, keep, batch_size, device)[1]
+    keep = sparsifier.check_keep(keep)
+    logits, feats = embed(sparsifier, test, keep, batch_size, device)
+    bank_feats = None if bank is None else embed(sparsifier, bank, keep, batch_size, device)[1]
     return top1_and_knn(logits, feats, test, bank, bank_feats, k, temperature)
 
 

@@ -4,8 +4,7 @@ The notebook declares only ``profile``, ``out_root`` and ``overrides`` in its
 ``parameters`` cell; :class:`Stage` does the rest: work from the repository
 root (the notebooks' paths are relative to it), refuse parameters papermill
 injected that the notebook does not declare, resolve and check the stage's
-section of params.yaml for ``profile``, refuse to read a stage's outputs that
-did not complete, and define the section's values as the notebook's variables
+section of params.yaml for ``profile``, and define its values as the notebook's variables
 (printed, so the notebook shows what it ran with). Its methods load the
 inputs every stage shares: splits, backbones, saliency maps.
 """
@@ -21,7 +20,7 @@ import torch
 from ..data import Split, load_split
 from ..utils import default_device
 from .config import PARAMS_FILE, check_stage, load_params, repo_root
-from .pipeline import check_parameters, check_upstream, resume_dir
+from .pipeline import check_parameters, resume_dir
 
 
 class Stage:
@@ -41,7 +40,6 @@ class Stage:
         self.profile = params["profile"]
         self.params: dict[str, Any] = params[name]
         check_stage(name, self.params)
-        check_upstream(name, self.out_root, self.root)
         namespace.update(self.params)
         self.results = self.out_root / "results"
         self.figures = self.out_root / "figures"

@@ -57,6 +57,7 @@ from ..vit import SPoTViT
 MODES = ("grid", "spot")
 # priors a training run can draw from: those that need nothing but the image size and grid
 TRAINING_PRIORS = tuple(p for p in PRIORS if p not in USES_EXTERNAL_MODEL)
+STATE_FORMAT = 2  # the layout of fit's resumable state.pt
 TIMING_COLUMNS = ("seconds", "images_per_s")  # vary run to run: kept out of the files a pipeline hashes
 
 
@@ -201,6 +202,7 @@ def fit(module: torch.nn.Module, config, num_images: int, step: Callable[[torch.
     """
     rank, world = distributed_context()
     state_path = Path(state_path)
+    identity = {"format": STATE_FORMAT, **identity}  # a state of an older layout is refused, not misread
     global_batch = config.batch_size * world
     steps_per_epoch = -(-num_images // global_batch)
     optimiser = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
