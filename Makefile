@@ -1,6 +1,7 @@
 # make repro : set up (once) and run the whole pipeline: dvc repro (embedded profile, ~22 min on 2 cores)
 # make repro PROFILE=smoke : the same pipeline on another profile, as a DVC experiment in a temporary copy
-#              (dvc exp run --temp -S profile=...; the workspace's results stay as they are; see dvc exp show)
+#              (dvc exp run --temp with profiles/<name>.yaml as -S overrides; the workspace's results stay as
+#              they are; see dvc exp show)
 # make test  : set up (once) and run the unit tests and the stored notebooks (nbval)
 # Every target runs with .venv/bin first on PATH, so DVC's stage commands (`python -m spotlib.paper.pipeline ...`)
 # use the project's environment without activating it.
@@ -18,7 +19,7 @@ repro: setup
 ifeq ($(PROFILE),)
 	dvc repro
 else
-	dvc exp run --temp -S profile=$(PROFILE)
+	python -m spotlib.paper.pipeline exp --profile $(PROFILE)
 endif
 
 test: setup
