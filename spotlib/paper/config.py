@@ -30,6 +30,7 @@ import yaml
 PARAMS_FILE = "params.yaml"
 PROFILES_DIR = "profiles"
 BASE_PROFILE = "embedded"  # the values in params.yaml itself
+APPLIED_KEY = "profile_applied"  # set with a profile's values by dvc_overrides, so a bare label is caught
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "data": ("source", "path", "hub_id", "image_size", "resize", "channels", "train_size", "test_size",
              "train_per_class", "seed", "workers"),
@@ -112,10 +113,14 @@ def load_params(profile: str | None = None, path: str | Path | None = None,
         profile = item.split("=", 1)[1].strip()
         overrides.remove(item)
     resolved_for = params.pop("profile", BASE_PROFILE)
+    applied = params.pop(APPLIED_KEY, None)
+    if resolved_for != BASE_PROFILE and applied != resolved_for:  # a label alone would run the embedded values
+        raise ConfigError(f"params.yaml says profile {resolved_for!r} but its values were not applied (no "
+                          f"`{APPLIED_KEY}: {resolved_for}`, e.g. after `dvc exp run -S profile={resolved_for}`); "
+                          f"apply a profile with all its values: make repro PROFILE={resolved_for} "
+                          f"(python -m spotlib.paper.pipeline exp --profile {resolved_for})")
     profile = profile or resolved_for
     _check_sections(params, path.name)
-    if resolved_for != BASE_PROFILE:
-        _check_applied(params, read_profile(resolved_for, path.parent), resolved_for)
     if profile != resolved_for:
         if resolved_for != BASE_PROFILE:
             raise ConfigError(f"{path.name} is already resolved for profile {resolved_for!r} (inside `dvc exp run`?); "
@@ -125,34 +130,6 @@ def load_params(profile: str | None = None, path: str | Path | None = None,
         params = apply_override(params, item)
     params["profile"] = profile
     return params
-
-
-def _leaves(overlay: Mapping, prefix: str = ""):
-    for key, value in overlay.items():
-        if isinstance(value, dict) and value:
-            yield from _leaves(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
-def _check_applied(params: Mapping, overlay: Mapping, profile: str) -> None:
-    """params.yaml says it holds ``profile``: refuse it when most of the overlay's values are missing (only
-    its label was set, e.g. ``dvc exp run -S profile=natural``, which would run the embedded values; a few
-    differ when single values were overridden on top of the profile)."""
-    def value_at(dotted: str):
-        node = params
-        for key in dotted.split("."):
-            if not isinstance(node, Mapping) or key not in node:
-                return None
-            node = node[key]
-        return node
-
-    leaves = list(_leaves(overlay))
-    missing = [key for key, value in leaves if value_at(key) != value]
-    if 2 * len(missing) > len(leaves):
-        raise ConfigError(f"params.yaml says profile {profile!r} but lacks most of {PROFILES_DIR}/{profile}.yaml's "
-                          f"values (e.g. {missing[0]}); apply a profile with all its values: make repro "
-                          f"PROFILE={profile} (python -m spotlib.paper.pipeline exp --profile {profile})")
 
 
 def apply_override(params: dict, item: str) -> dict:
@@ -183,7 +160,8 @@ def _hydra_value(value) -> str:
 
 def dvc_overrides(profile: str, root: Path | None = None) -> list[str]:
     """``dvc exp run -S`` arguments that turn params.yaml into ``profile``'s values: one per leaf of
-    its overlay (``++key=value``: set or add), ``~key`` where the overlay removes a mapping."""
+    its overlay (``++key=value``: set or add), ``~key`` where the overlay removes a mapping, plus
+    ``profile`` and ``profile_applied`` set to its name."""
     def leaves(overlay: Mapping, base: Mapping, prefix: str):
         for key, value in overlay.items():
             path = f"{prefix}{key}"
@@ -197,7 +175,10 @@ def dvc_overrides(profile: str, root: Path | None = None) -> list[str]:
     root = root or repo_root()
     base = yaml.safe_load((root / PARAMS_FILE).read_text())
     overlay = read_profile(profile, root) if profile != BASE_PROFILE else {}
-    return [f"++profile={_hydra_value(profile)}", *leaves(overlay, base, "")]
+    marks = [f"++profile={_hydra_value(profile)}"]
+    if profile != BASE_PROFILE:
+        marks.append(f"++{APPLIED_KEY}={_hydra_value(profile)}")
+    return [*marks, *leaves(overlay, base, "")]
 
 
 # -- values ------------------------------------------------------------------------------------

@@ -184,9 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         selected = stages if args.stage == "all" else [args.stage]
         if args.stage != "all":
             notebook_for(args.stage, root)  # unknown stage: the error lists the valid ones
-            check_upstream(args.stage, args.out_root, root)
         # check every selected stage before running the first, so a typo never costs a training run
         check_params(load_params(args.profile, root / PARAMS_FILE, args.overrides), selected)
+        if args.stage != "all":
+            check_upstream(args.stage, args.out_root, root)
     except (ConfigError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
     for stage in selected:
