@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .data import Split, for_model
 from .priors import USES_EXTERNAL_MODEL, sample_positions
+from .stats import accuracy_with_ci
 from .tokenizer import check_positions
 from .utils import check_int, check_positive, frozen, mixed_precision, progress
 from .vit import SPoTViT
@@ -120,7 +121,7 @@ def knn_predict(
     return torch.cat(preds)
 
 
-def evaluate(
+def evaluate_outcomes(
     model: SPoTViT,
     test: Split,
     bank: Split | None,
@@ -135,8 +136,10 @@ def evaluate(
     saliency_test: torch.Tensor | None = None,
     saliency_bank: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
-) -> dict[str, float]:
-    """{"acc1": %, "knn": %} of ``model`` on ``test`` with ``num_tokens`` tokens from ``prior``.
+) -> dict[str, torch.Tensor]:
+    """Per-image outcomes ``{"acc1": (n,) bool, "knn": (n,) bool}`` of ``model`` on ``test`` with
+    ``num_tokens`` tokens from ``prior``: whether each test image is classified correctly (top-1 of the
+    model's head; weighted kNN vote against ``bank``).
 
     ``positions`` (n, N, 2) overrides the prior for the test split (e.g. oracle
     positions); the kNN bank always uses the prior. ``bank=None`` skips kNN.
@@ -155,17 +158,22 @@ def evaluate(
     if bank is not None:
         bank_positions = draw_positions(prior, bank, num_tokens, model, seed + 1, saliency_bank)
         _, bank_feats = embed(model, bank, bank_positions, batch_size, device)
-    return top1_and_knn(logits, feats, test, bank, bank_feats, k, temperature)
+    return outcomes(logits, feats, test, bank, bank_feats, k, temperature)
 
 
-def top1_and_knn(logits: torch.Tensor, feats: torch.Tensor, test: Split, bank: Split | None,
-                 bank_feats: torch.Tensor | None, k: int = 20, temperature: float = 0.07) -> dict[str, float]:
-    """{"acc1": %, "knn": %} from the test split's logits (n, K) and features (n, D), and the bank's
-    features (m, D) (no "knn" when ``bank`` is None)."""
-    result = {"acc1": 100 * (logits.argmax(1) == test.labels).float().mean().item()}
+def evaluate(model: SPoTViT, test: Split, bank: Split | None, prior: str, num_tokens: int, **kwargs) -> dict[str, float]:
+    """{"acc1": %, "knn": %}: the means of :func:`evaluate_outcomes` (same arguments)."""
+    return {metric: 100 * correct.float().mean().item()
+            for metric, correct in evaluate_outcomes(model, test, bank, prior, num_tokens, **kwargs).items()}
+
+
+def outcomes(logits: torch.Tensor, feats: torch.Tensor, test: Split, bank: Split | None,
+             bank_feats: torch.Tensor | None, k: int = 20, temperature: float = 0.07) -> dict[str, torch.Tensor]:
+    """Per-image correctness {"acc1": (n,) bool, "knn": (n,) bool} from the test split's logits (n, K) and
+    features (n, D), and the bank's features (m, D) (no "knn" when ``bank`` is None)."""
+    result = {"acc1": logits.argmax(1) == test.labels}
     if bank is not None:
-        preds = knn_predict(bank_feats, bank.labels, feats, len(test.classes), k, temperature)
-        result["knn"] = 100 * (preds == test.labels).float().mean().item()
+        result["knn"] = knn_predict(bank_feats, bank.labels, feats, len(test.classes), k, temperature) == test.labels
     return result
 
 
@@ -178,33 +186,51 @@ def sweep(
     *,
     backbone: str = "",
     saliency: Mapping[str, torch.Tensor] | None = None,
+    saliency_name: str | None = None,
+    per_image: dict | None = None,
     **kwargs,
 ) -> pd.DataFrame:
-    """Evaluate each model with each of its priors at each budget.
+    """Evaluate each model with each of its priors at each budget, with 95 % bootstrap intervals over images.
 
     Args:
         models: {model name: SPoT view}.
         priors: {model name: prior names to evaluate it with}.
         budgets: token counts N.
-        saliency: {"test": (n, H, W), "bank": (m, H, W)} maps for the salient prior.
-        kwargs: passed to :func:`evaluate` (seed, k, temperature, batch_size, device).
+        saliency: {"test": (m, H, W), "bank": (m', H, W)} maps for the priors that read them
+            (``USES_EXTERNAL_MODEL``); with maps for fewer images than the split (m < n), those
+            priors are scored on the first m test (m' bank) images, which the ``n`` column records.
+        saliency_name: if given, the rows of those priors are labelled ``"<prior> (<saliency_name>)"``
+            (e.g. ``salient (foreground)``), to tell maps of several sources apart.
+        per_image: if given, filled with each run's per-image outcomes (bool (n,)), keyed
+            (backbone, model, prior, tokens, metric), for paired tests between runs.
+        kwargs: passed to :func:`evaluate_outcomes` (seed, k, temperature, batch_size, device).
 
     The progress bar counts runs and shows the last run's throughput (test and bank images per second).
 
     Returns:
-        Tidy DataFrame with columns backbone, model, prior, oracle, tokens, metric, value (%).
+        Tidy DataFrame with columns backbone, model, prior, oracle, tokens, metric, value (%), ci_low,
+        ci_high (the 95 % percentile bootstrap interval over test images, %) and n (test images).
     """
     saliency = saliency or {}
     runs = [(m, p, n) for m in models for p in priors[m] for n in budgets]
     rows = []
     bar = progress(runs, desc=f"sweep {backbone}".strip())
-    images = len(test) + (len(bank) if bank is not None else 0)
     for model_name, prior, n in bar:
-        sal = {"saliency_test": saliency.get("test"), "saliency_bank": saliency.get("bank")} if prior == "salient" else {}
+        split, bank_split, sal, label = test, bank, {}, prior
+        if prior in USES_EXTERNAL_MODEL:
+            label = f"{prior} ({saliency_name})" if saliency_name else prior
+            maps, bank_maps = saliency.get("test"), saliency.get("bank")
+            split = test.head(None if maps is None else len(maps))
+            bank_split = None if bank is None else bank.head(None if bank_maps is None else len(bank_maps))
+            sal = {"saliency_test": maps, "saliency_bank": bank_maps}
         start = time.perf_counter()
-        for metric, value in evaluate(models[model_name], test, bank, prior, n, **sal, **kwargs).items():
-            rows.append(dict(backbone=backbone, model=model_name, prior=prior,
-                             oracle=prior in USES_EXTERNAL_MODEL, tokens=n, metric=metric, value=value))
+        scored = evaluate_outcomes(models[model_name], split, bank_split, prior, n, **sal, **kwargs)
+        for metric, correct in scored.items():
+            if per_image is not None:
+                per_image[backbone, model_name, label, n, metric] = correct
+            rows.append(dict(backbone=backbone, model=model_name, prior=label, oracle=prior in USES_EXTERNAL_MODEL,
+                             tokens=n, metric=metric, **accuracy_with_ci(correct.numpy())))
+        images = len(split) + (len(bank_split) if bank_split is not None else 0)
         bar.set_postfix_str(f"{model_name} {prior} {n} tokens: {images / (time.perf_counter() - start):,.0f} img/s",
                             refresh=False)
     return pd.DataFrame(rows)

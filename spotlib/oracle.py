@@ -24,14 +24,22 @@ class OracleResult:
     positions: (B, N, 2) final positions, (y, x) in [0, 1].
     trajectory: (B, S + 1, N, 2) positions before each step and after the last.
     loss: (B, S + 1) cross-entropy at each trajectory point.
-    correct_before / correct_after: (B,) bool, top-1 correct at start / end.
+    correct: (B, S + 1) bool, top-1 correct at each trajectory point (how fast the search saturates);
+    ``correct_before`` / ``correct_after``: its first and last columns.
     """
 
     positions: torch.Tensor
     trajectory: torch.Tensor
     loss: torch.Tensor
-    correct_before: torch.Tensor
-    correct_after: torch.Tensor
+    correct: torch.Tensor
+
+    @property
+    def correct_before(self) -> torch.Tensor:
+        return self.correct[:, 0]
+
+    @property
+    def correct_after(self) -> torch.Tensor:
+        return self.correct[:, -1]
 
     @property
     def loss_before(self) -> torch.Tensor:
@@ -112,7 +120,7 @@ def spot_on(
     if movable is not None:
         frozen_tokens = ~movable.to(device=start.device, dtype=torch.bool).expand(start.shape[:2])[..., None]
     optimiser = torch.optim.AdamW([positions], lr=lr, weight_decay=weight_decay)
-    trajectory, losses = [], []
+    trajectory, losses, correct = [], [], []
     with frozen(model):
         for step in range(steps + 1):
             with mixed_precision(images.device, amp):
@@ -122,10 +130,8 @@ def spot_on(
             loss = F.cross_entropy(logits, labels, reduction="none")
             trajectory.append(positions.detach().clone())
             losses.append(loss.detach())
-            if step == 0:
-                correct_before = logits.argmax(-1) == labels
+            correct.append(logits.detach().argmax(-1) == labels)
             if step == steps:
-                correct_after = logits.argmax(-1) == labels
                 break
             optimiser.zero_grad(set_to_none=True)
             loss.sum().backward()
@@ -138,8 +144,7 @@ def spot_on(
         positions=positions.detach(),
         trajectory=torch.stack(trajectory, dim=1),
         loss=torch.stack(losses, dim=1),
-        correct_before=correct_before,
-        correct_after=correct_after,
+        correct=torch.stack(correct, dim=1),
     )
 
 
@@ -154,6 +159,45 @@ def one_at_a_time(model: SPoTViT, images: torch.Tensor, labels: torch.Tensor, in
         movable[j] = True
         solo[:, j] = spot_on(model, images, labels, init_positions, steps, lr, movable=movable, **kwargs).positions[:, j]
     return solo
+
+
+@torch.no_grad()
+def grid_oracle(model: SPoTViT, images: torch.Tensor, labels: torch.Tensor, num_tokens: int,
+                chunk: int = 4096, amp: bool | None = None) -> torch.Tensor:
+    """The grid-constrained oracle: N distinct grid cells per image, chosen greedily with the true label.
+
+    Forward selection: starting from no token, each step adds the free cell whose patch, with the
+    cells chosen so far, gives the lowest cross-entropy with ``labels`` (every free cell is tried;
+    G = gh * gw forwards per image and step, in chunks of ``chunk`` (image, cell) pairs). The
+    counterpart of SPoT-ON restricted to the patch grid (a search, unlike snapping SPoT-ON's end
+    points to cells, which can put two tokens in one cell). images (B, C, H, W) model-ready,
+    labels (B,), 1 <= N <= G. Returns (B, N, 2) cell centres, (y, x) in [0, 1], in the order chosen.
+    """
+    check_images(images)
+    check_labels(labels, images.shape[0])
+    centres = model.grid_positions(1, images.device)[0]  # (G, 2)
+    G, B = len(centres), images.shape[0]
+    num_tokens = check_int(num_tokens, "num_tokens", 1, G)
+    chunk = check_int(chunk, "chunk", 1)
+    if num_tokens == G:  # every cell: the full grid, whatever the order (nothing to search)
+        return centres.expand(B, G, 2).clone()
+    chosen = torch.zeros(B, 0, dtype=torch.long, device=images.device)
+    with frozen(model):
+        for _ in range(num_tokens):
+            trial = torch.cat([chosen[:, None, :].expand(B, G, -1),
+                               torch.arange(G, device=images.device).view(1, G, 1).expand(B, G, 1)], dim=2)
+            trial = trial.reshape(B * G, -1)  # (image, candidate cell) pairs, image-major
+            owner = torch.arange(B, device=images.device).repeat_interleave(G)
+            losses = torch.empty(B * G, device=images.device)
+            for start in range(0, B * G, chunk):
+                sl = slice(start, start + chunk)
+                with mixed_precision(images.device, amp):
+                    logits = model(images[owner[sl]], centres[trial[sl]]).float()
+                check_label_range(labels, logits.shape[-1])
+                losses[sl] = F.cross_entropy(logits, labels[owner[sl]], reduction="none")
+            losses = losses.view(B, G).scatter(1, chosen, float("inf"))  # a cell is used once
+            chosen = torch.cat([chosen, losses.argmin(1, keepdim=True)], dim=1)
+    return centres[chosen]
 
 
 def spot_on_split(

@@ -25,6 +25,25 @@ grid       a random subset of the standard patch grid centres, without
            replacement ("Patch Grid" baseline, PatchDropout semantics).
            Needs ``grid_size`` and N <= gh * gw.
 =========  ==============================================================
+
+Variants (controls and other conventions):
+
+================  ==============================================================
+isotropic_grid    the isotropic lattice moved onto grid cells: each point to the
+center_grid       centre of the nearest free cell (distinct cells), so the same
+                  structured layout with grid patches only. Needs ``grid_size``.
+salient_spread    salient without overlap: pixels drawn one at a time from the
+                  map, each draw suppressing the map within one window (Chebyshev
+                  distance < k = H / gh pixels) of it, so windows do not overlap
+                  while free salient pixels remain (then the free pixels, then
+                  the whole map). Needs ``saliency`` and ``grid_size``.
+isotropic_authors the lattice of the authors' public code (their ``grid_uniform``):
+center_authors    s = sqrt(H W / N) px, centres at trunc(s / 2) + i round(s) px,
+                  divided by H (W); ``center_authors`` warps it as ``center``.
+                  In *their* pixel-index convention (no half-pixel offset), for
+                  their published checkpoints; N must give a full lattice (e.g.
+                  25, 49, 100, 196 at 224 px).
+================  ==============================================================
 """
 
 from __future__ import annotations
@@ -42,7 +61,7 @@ PRIORS: dict[str, PriorFn] = {}
 
 # Priors that read the image (through a saliency model): the paper marks their
 # rows with the oracle flag.
-USES_EXTERNAL_MODEL = frozenset({"salient"})
+USES_EXTERNAL_MODEL = frozenset({"salient", "salient_spread"})
 
 
 def register_prior(name: str) -> Callable[[PriorFn], PriorFn]:
@@ -184,3 +203,101 @@ def grid(
     centres = grid_positions((gh, gw))[0]  # (G, 2)
     keep = torch.rand(batch_size, gh * gw, generator=generator).argsort(dim=1)[:, :num_tokens]
     return centres[keep]
+
+
+# -- variants ------------------------------------------------------------------------------------
+def _need_grid(prior: str, grid_size) -> tuple[int, int]:
+    if grid_size is None:
+        raise ValueError(f"the {prior!r} prior needs grid_size=(gh, gw) of the model's patch grid")
+    return check_size(grid_size, "grid_size")
+
+
+def onto_distinct_cells(points: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """Move each of N points (N, 2) to the centre of a grid cell, distinct cells, nearest first:
+    repeatedly the closest (point, free cell) pair is matched. (N, 2); N <= gh * gw."""
+    gh, gw = check_size(grid_size, "grid_size")
+    if len(points) > gh * gw:
+        raise ValueError(f"cannot put {len(points)} points on distinct cells of a {gh}x{gw} grid")
+    centres = grid_positions((gh, gw))[0]
+    scale = torch.tensor([gh, gw], dtype=torch.float32)  # distances in cells
+    dist = torch.cdist(points.float() * scale, centres * scale)
+    out = torch.empty_like(points, dtype=torch.float32)
+    for _ in range(len(points)):
+        flat = int(dist.argmin())
+        i, j = divmod(flat, dist.shape[1])
+        out[i] = centres[j]
+        dist[i, :] = float("inf")
+        dist[:, j] = float("inf")
+    return out
+
+
+@register_prior("isotropic_grid")
+def isotropic_grid(batch_size: int, num_tokens: int, generator: torch.Generator, *, image_size=(1, 1),
+                   grid_size=None, **_) -> torch.Tensor:
+    cells = onto_distinct_cells(isotropic_lattice(num_tokens, image_size), _need_grid("isotropic_grid", grid_size))
+    return cells.expand(batch_size, -1, -1).clone()
+
+
+@register_prior("center_grid")
+def center_grid(batch_size: int, num_tokens: int, generator: torch.Generator, *, image_size=(1, 1),
+                grid_size=None, **_) -> torch.Tensor:
+    lattice = warp_to_center(isotropic_lattice(num_tokens, image_size))
+    return onto_distinct_cells(lattice, _need_grid("center_grid", grid_size)).expand(batch_size, -1, -1).clone()
+
+
+@register_prior("salient_spread")
+def salient_spread(batch_size: int, num_tokens: int, generator: torch.Generator, *, saliency=None, grid_size=None,
+                   **_) -> torch.Tensor:
+    gh, gw = _need_grid("salient_spread", grid_size)
+    salient(batch_size, 1, torch.Generator(), saliency=saliency)  # the same checks of the maps
+    B, H, W = saliency.shape
+    if num_tokens > H * W:
+        raise ValueError(f"cannot draw {num_tokens} distinct pixels from a {H}x{W} saliency map")
+    density = saliency.detach().float().cpu().reshape(B, H * W)
+    rows, cols = torch.arange(H).repeat_interleave(W), torch.arange(W).repeat(H)
+    reach = (H / gh, W / gw)  # one window, in pixels
+    free = torch.ones(B, H * W, dtype=torch.bool)
+    taken = torch.zeros(B, H * W, dtype=torch.bool)
+    picks = []
+    for _ in range(num_tokens):
+        # the map on free pixels; else any free pixel; else any pixel not taken yet (the plain salient draw)
+        weights = density * free
+        weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, (free & ~taken).float())
+        fallback = density * ~taken + 1e-6 * density.mean(1, keepdim=True).clamp_min(1e-12) * ~taken
+        weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, fallback)
+        index = torch.multinomial(weights, 1, generator=generator)[:, 0]
+        picks.append(index)
+        taken[torch.arange(B), index] = True
+        near = ((rows[None] - rows[index][:, None]).abs() < reach[0]) & ((cols[None] - cols[index][:, None]).abs() < reach[1])
+        free &= ~near
+    index = torch.stack(picks, dim=1)
+    pixel = torch.stack([index // W, index % W], dim=-1).float()
+    jitter = torch.rand(B, num_tokens, 2, generator=generator)
+    return (pixel + jitter) / torch.tensor([H, W], dtype=torch.float32)
+
+
+def authors_lattice(num_tokens: int, image_size: tuple[int, int]) -> torch.Tensor:
+    """The lattice of the authors' ``grid_uniform`` prior, (N, 2), in their pixel-index convention."""
+    num_tokens = check_int(num_tokens, "num_tokens", 1)
+    H, W = check_size(image_size, "image_size")
+    s = math.sqrt(H * W / num_tokens)
+    start, step = math.trunc(s / 2), round(s)
+    ys, xs = torch.arange(start, H, step), torch.arange(start, W, step)
+    if len(ys) * len(xs) != num_tokens:
+        raise ValueError(f"the authors' lattice has {len(ys)}x{len(xs)} points for N = {num_tokens} at {H}x{W} px, "
+                         f"not N; use a budget it fills (a square number such as 25, 49, 100, 196 at 224 px) or "
+                         f"the 'isotropic' prior")
+    yy, xx = torch.meshgrid(ys / H, xs / W, indexing="ij")
+    return torch.stack([yy, xx], dim=-1).reshape(-1, 2).float()
+
+
+@register_prior("isotropic_authors")
+def isotropic_authors(batch_size: int, num_tokens: int, generator: torch.Generator, *, image_size=(1, 1),
+                      **_) -> torch.Tensor:
+    return authors_lattice(num_tokens, image_size).expand(batch_size, -1, -1).clone()
+
+
+@register_prior("center_authors")
+def center_authors(batch_size: int, num_tokens: int, generator: torch.Generator, *, image_size=(1, 1),
+                   **_) -> torch.Tensor:
+    return warp_to_center(authors_lattice(num_tokens, image_size)).expand(batch_size, -1, -1).clone()

@@ -37,6 +37,7 @@ holds, per backbone and model, everything needed to rebuild it offline::
 from __future__ import annotations
 
 import copy
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from ..data import Split, for_model
-from ..evaluate import embed, evaluate
+from ..evaluate import embed, evaluate_outcomes
+from ..stats import accuracy_with_ci
 from ..utils import read_json
 from .io import load_safetensors, save_safetensors
 from ..vit import SPoTViT
@@ -304,10 +306,27 @@ def load_backbones(manifest: str | Path, device=None) -> dict[str, dict[str, SPo
 
 
 # -- checks ------------------------------------------------------------------------------------
+def replicate_groups(models: Mapping[str, Mapping]) -> dict[str, list[str]]:
+    """Backbones that are seed replicates of one recipe: specs equal but for their training seeds.
+
+    Returns ``{"mean(A,B)": ["A", "B"], ...}`` for every such group of two or more (none for backbones
+    of different architectures or recipes, such as the imagenet profile's three ViT-B/16s)."""
+    def recipe(spec: Mapping) -> str:
+        stripped = {k: ({kk: vv for kk, vv in v.items() if kk != "seed"} if isinstance(v, Mapping) else v)
+                    for k, v in spec.items()}
+        return json.dumps(stripped, sort_keys=True, default=str)
+
+    by_recipe: dict[str, list[str]] = {}
+    for name, spec in models.items():
+        by_recipe.setdefault(recipe(spec), []).append(name)
+    return {f"mean({','.join(names)})": names for names in by_recipe.values() if len(names) > 1}
+
+
 def backbone_accuracy(backbones: Mapping[str, Mapping[str, SPoTViT]], test: Split, batch_size: int,
                       device) -> tuple[dict, pd.DataFrame]:
     """Per backbone: the SPoT view's exactness against the plain timm forward at the full grid (max |diff| /
-    max |logit| on 64 test images, float32) and each model's top-1 on the full grid and on its first 1/8."""
+    max |logit| on 64 test images, float32) and each model's top-1 (with its 95 % bootstrap interval over
+    the test images) on the full grid and on a random 1/8 of its cells."""
     metrics, rows = {}, []
     for name, pair in backbones.items():
         view = pair["grid"]
@@ -319,11 +338,14 @@ def backbone_accuracy(backbones: Mapping[str, Mapping[str, SPoTViT]], test: Spli
         full = math.prod(view.grid_size)
         for mode, model in pair.items():
             for tokens in (full, full // 8):
-                acc = evaluate(model, test, None, "grid", tokens, batch_size=batch_size, device=device)["acc1"]
-                metrics[name][f"{mode}_acc1_grid{tokens}"] = acc
-                rows.append(dict(backbone=name, model={"grid": "ViT", "spot": "SPoT"}[mode], tokens=tokens, acc1=acc))
-    return metrics, pd.DataFrame(rows)
+                correct = evaluate_outcomes(model, test, None, "grid", tokens, batch_size=batch_size, device=device)["acc1"]
+                row = dict(backbone=name, model={"grid": "ViT", "spot": "SPoT"}[mode], tokens=tokens,
+                           **accuracy_with_ci(correct.numpy()))
+                metrics[name][f"{mode}_acc1_grid{tokens}"] = row["value"]
+                metrics[name][f"{mode}_acc1_grid{tokens}_ci"] = [row["ci_low"], row["ci_high"]]
+                rows.append(row)
+    return metrics, pd.DataFrame(rows).rename(columns={"value": "acc1"})
 
 
 __all__ = ["VIT_SOURCES", "GridViT", "backbone_accuracy", "build_model", "check_backbone_spec", "create_grid_vit", "fit_linear_probe",
-           "load_backbones", "prepare_backbone", "vit_source"]
+           "load_backbones", "prepare_backbone", "replicate_groups", "vit_source"]

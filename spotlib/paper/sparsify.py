@@ -95,7 +95,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -107,7 +107,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..data import Split, for_model
-from ..evaluate import embed, top1_and_knn
+from ..evaluate import embed, outcomes
 from ..tokenizer import check_images, grid_positions
 from ..utils import frozen, images_per_second, mixed_precision
 from ..vit import SPoTViT
@@ -645,12 +645,13 @@ def evaluate_sparsifier(
     temperature: float = 0.07,
     batch_size: int = 256,
     device=None,
-) -> dict[str, float]:
-    """{"acc1": %, "knn": %} at budget ``keep``, as :func:`spotlib.evaluate.evaluate` (bank at the same budget)."""
+) -> dict[str, torch.Tensor]:
+    """Per-image outcomes {"acc1": (n,) bool, "knn": (n,) bool} at budget ``keep``, as
+    :func:`spotlib.evaluate.evaluate_outcomes` (bank at the same budget)."""
     keep = sparsifier.check_keep(keep)
     logits, feats = embed(sparsifier, test, keep, batch_size, device)
     bank_feats = None if bank is None else embed(sparsifier, bank, keep, batch_size, device)[1]
-    return top1_and_knn(logits, feats, test, bank, bank_feats, k, temperature)
+    return outcomes(logits, feats, test, bank, bank_feats, k, temperature)
 
 
 # -- FLOPs ---------------------------------------------------------------------------------
@@ -719,11 +720,36 @@ def compare_at_equal_flops(relevance: pd.DataFrame, costs: pd.DataFrame, sweep: 
 
 
 def cost_points(costs: pd.DataFrame, relevance: pd.DataFrame, sweep: pd.DataFrame) -> pd.DataFrame:
-    """One point per method and budget: MFLOPs, images/s and top-1 (SPoT: its best prior)."""
-    best = best_prior(sweep)
-    mine = acc1(relevance).set_index(["backbone", "tokens"]).value
-    return pd.DataFrame([
-        dict(backbone=r.backbone, method=r.method if r.method != "SPoT" else "SPoT (best prior)", tokens=r.tokens,
-             mflops=r.flops / 1e6, images_per_s=r.images_per_s,
-             acc1=mine[r.backbone, r.tokens] if r.method == "Token relevance" else best.get((r.backbone, r.tokens)))
-        for r in costs.itertuples()])[["backbone", "method", "tokens", "mflops", "acc1", "images_per_s"]]
+    """One point per method and budget: MFLOPs, images/s and top-1 with its interval (``ci_low``,
+    ``ci_high``): token relevance, the Patch Grid (the grid ViT at N random cells: SPoT's N-token cost)
+    and SPoT with its best prior (without the oracle flag) at that budget."""
+    plain = acc1(sweep[(sweep.model == "SPoT") & ~sweep.oracle.astype(bool)])
+    best = plain.loc[plain.groupby(["backbone", "tokens"]).value.idxmax()].set_index(["backbone", "tokens"])
+    grid = acc1(sweep[sweep.model == "ViT"]).set_index(["backbone", "tokens"])
+    mine = acc1(relevance).set_index(["backbone", "tokens"])
+    rows = []
+    for r in costs.itertuples():
+        sources = {"Token relevance": mine} if r.method == "Token relevance" else {"SPoT (best prior)": best,
+                                                                                  "Patch Grid": grid}
+        for method, frame in sources.items():
+            if (r.backbone, r.tokens) in frame.index:
+                hit = frame.loc[(r.backbone, r.tokens)]
+                rows.append(dict(backbone=r.backbone, method=method, tokens=r.tokens, mflops=r.flops / 1e6,
+                                 acc1=hit.value, ci_low=hit.ci_low, ci_high=hit.ci_high, images_per_s=r.images_per_s,
+                                 **({"prior": hit.prior} if method == "SPoT (best prior)" else {})))
+    return pd.DataFrame(rows)
+
+
+def with_row_costs(tidy: pd.DataFrame, costs: pd.DataFrame, replicates: Mapping[str, Sequence[str]] | None = None
+                   ) -> pd.DataFrame:
+    """``tidy`` with ``mflops``: each row's forward FLOPs per image at its budget (the sparsifier's for
+    token relevance, SPoT's N-token forward for the grid ViT and SPoT rows; none for SPoT-ON, whose cost
+    is a search). A replicate group's rows take its first member's costs (one architecture)."""
+    alias = {label: members[0] for label, members in (replicates or {}).items()}
+    flops = costs.set_index(["backbone", "method", "tokens"]).flops
+
+    def cost(row) -> float:
+        method = {"Token relevance": "Token relevance", "ViT": "SPoT", "SPoT": "SPoT"}.get(row.model)
+        key = (alias.get(row.backbone, row.backbone), method, row.tokens)
+        return flops[key] / 1e6 if method and key in flops.index else float("nan")
+    return tidy.assign(mflops=tidy.apply(cost, axis=1))

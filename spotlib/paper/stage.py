@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..data import Split, load_split
-from ..utils import default_device
+from ..utils import default_device, read_json
 from .config import PARAMS_FILE, check_stage, load_params, repo_root
 from .pipeline import check_parameters, resume_dir
 
@@ -69,11 +69,19 @@ class Stage:
 
         return load_backbones(self.results / "backbones" / "models.json", device or self.device)
 
-    def saliency(self, split: str, size: int) -> torch.Tensor:
-        """The saliency stage's maps for the first ``size`` images of ``split`` ("test" or "bank")."""
+    def replicates(self) -> dict[str, list[str]]:
+        """The backbones stage's seed-replicate groups, ``{"mean(A,B)": ["A", "B"]}`` (see
+        :func:`spotlib.paper.backbones.replicate_groups`); empty when every backbone is its own recipe."""
+        return read_json(self.results / "backbones" / "replicates.json", "run the backbones stage first")
+
+    def saliency(self, split: str, size: int | None = None) -> torch.Tensor:
+        """The saliency stage's maps for the first ``size`` images of ``split`` ("test" or "bank"); all it
+        computed if ``size`` is None."""
         from .saliency import load_saliency
 
         maps = load_saliency(self.results / "saliency" / f"{split}.safetensors")
+        if size is None:
+            return maps
         if maps.shape[0] < size:
             raise ValueError(f"stage saliency computed {maps.shape[0]} {split} maps; raise its {split}_size to {size}")
         return maps[:size]

@@ -75,6 +75,7 @@ class TrainConfig:
     min_tokens: int = 1
     max_tokens: int | None = None  # None = the full grid
     priors: list[str] = field(default_factory=lambda: ["uniform"])
+    grid_fraction: float = 0.0  # spot mode: share of batches at the full patch grid (keeps full-grid accuracy)
     train_size: int | None = None  # first n training images (None = all)
 
     def __post_init__(self):
@@ -93,6 +94,8 @@ class TrainConfig:
             raise ValueError(f"lr must be a number > 0, got {self.lr!r}")
         if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
+        if not (isinstance(self.grid_fraction, (int, float)) and 0 <= self.grid_fraction <= 1):
+            raise ValueError(f"grid_fraction must be a fraction in [0, 1], got {self.grid_fraction!r}")
         if not (isinstance(self.warmup, (int, float)) and 0 <= self.warmup < 1):
             raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
         if not isinstance(self.priors, (list, tuple)) or not self.priors:
@@ -310,6 +313,8 @@ def train(
         else:
             n = int(torch.randint(config.min_tokens, max_tokens + 1, (1,), generator=gen))
             prior = config.priors[int(torch.randint(len(config.priors), (1,), generator=gen))]
+            if config.grid_fraction and float(torch.rand((), generator=gen)) < config.grid_fraction:
+                prior, n = "grid", spot.num_grid_tokens  # the full grid, as the grid ViT was trained
             if world > 1 and epoch not in rank_gens:
                 rank_gens[epoch] = torch.Generator().manual_seed(rank_seed(config.seed, epoch, rank))
             positions = sample_positions(prior, len(idx), n, seed=rank_gens[epoch] if world > 1 else gen,
