@@ -28,7 +28,7 @@ from spotlib.priors import isotropic_lattice, sample_positions
 from spotlib.paper.saliency import (
     ImgFocusSaliency, SpectralResidualSaliency, compute_saliency, load_saliency, load_saliency_metadata, save_saliency,
 )
-from spotlib.paper.stats import bootstrap_ci, paired_permutation_test
+from spotlib.stats import bootstrap_ci, paired_permutation_test
 from spotlib.tokenizer import grid_positions, sample_windows, snap_to_grid
 from spotlib.vit import SPoTViT
 

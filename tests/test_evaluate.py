@@ -165,7 +165,7 @@ def test_evaluate_leaves_eval_mode_alone(vit_factory, split_factory):
 
 
 # -- sweep ---------------------------------------------------------------------------
-COLUMNS = ["backbone", "model", "prior", "oracle", "tokens", "metric", "value"]
+COLUMNS = ["backbone", "model", "prior", "oracle", "tokens", "metric", "value", "ci_low", "ci_high", "n"]
 
 
 def test_sweep_tidy_frame(vit_factory, split_factory):
@@ -194,6 +194,22 @@ def test_sweep_tidy_frame(vit_factory, split_factory):
     # the values are those of evaluate()
     row = df[(df.model == "spot") & (df.prior == "uniform") & (df.tokens == 4) & (df.metric == "acc1")]
     assert row.value.item() == pytest.approx(evaluate(models["spot"], test, bank, "uniform", 4)["acc1"])
+    assert (df.ci_low <= df.value).all() and (df.value <= df.ci_high).all() and (df.n == 10).all()
+
+
+def test_sweep_per_image_outcomes_and_partial_saliency(vit_factory, split_factory):
+    """per_image holds the outcomes behind each value; maps for fewer images score those priors on them."""
+    test = split_factory(n=10, size=(8, 8), seed=1)
+    model = SPoTViT(vit_factory(img_size=8, patch_size=4, num_classes=2, embed_dim=16, seed=0))
+    per_image = {}
+    df = sweep({"m": model}, {"m": ["isotropic", "salient"]}, [3], test, None, backbone="b", per_image=per_image,
+               saliency={"test": torch.rand(6, 8, 8)}, saliency_name="maps")
+    assert set(df.prior) == {"isotropic", "salient (maps)"}
+    for r in df.itertuples():
+        correct = per_image["b", "m", r.prior, 3, "acc1"]
+        assert correct.dtype == torch.bool and len(correct) == r.n
+        assert r.value == pytest.approx(100 * correct.float().mean().item())
+    assert df.set_index("prior").n.to_dict() == {"isotropic": 10, "salient (maps)": 6}
 
 
 def test_sweep_without_bank_has_top1_only(vit_factory, split_factory):

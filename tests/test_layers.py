@@ -11,7 +11,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "spotlib"
 CORE = sorted(PACKAGE.glob("*.py"))
-CORE_MAX_LINES = 1250  # the README's layout section gives the current count
+CORE_MAX_LINES = 1600  # the README's layout section gives the current count
 
 
 def paper_imports(path: Path) -> list[str]:

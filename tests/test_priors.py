@@ -5,21 +5,27 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spotlib.priors import PRIORS, USES_EXTERNAL_MODEL, isotropic_lattice, sample_positions, warp_to_center
+from spotlib.priors import (PRIORS, USES_EXTERNAL_MODEL, authors_lattice, isotropic_lattice, onto_distinct_cells,
+                            sample_positions, warp_to_center)
 from spotlib.tokenizer import grid_positions
 
-RANDOM_PRIORS = ("uniform", "gaussian", "sobol", "salient", "grid")
-DETERMINISTIC_PRIORS = ("isotropic", "center")
+RANDOM_PRIORS = ("uniform", "gaussian", "sobol", "salient", "salient_spread", "grid")
+DETERMINISTIC_PRIORS = ("isotropic", "center", "isotropic_grid", "center_grid", "isotropic_authors", "center_authors")
+AUTHORS_PRIORS = ("isotropic_authors", "center_authors")  # a pixel lattice: only budgets that fill it
+GENERAL_PRIORS = sorted(set(PRIORS) - set(AUTHORS_PRIORS))
+NEEDS_GRID = ("grid", "isotropic_grid", "center_grid", "salient_spread")
 GRID = (7, 7)
 B = 3
 
 
 def draw(prior, num_tokens, seed=0, batch_size=B, **kw):
     context = {}
-    if prior == "salient":
+    if prior in USES_EXTERNAL_MODEL:
         context["saliency"] = torch.rand(batch_size, 12, 12, generator=torch.Generator().manual_seed(99))
-    if prior == "grid":
+    if prior in NEEDS_GRID:
         context["grid_size"] = GRID
+    if prior in AUTHORS_PRIORS:
+        context["image_size"] = (28, 28)
     context.update(kw)
     return sample_positions(prior, batch_size, num_tokens, seed=seed, **context)
 
@@ -29,7 +35,7 @@ def test_registry_holds_the_paper_priors():
     assert set(RANDOM_PRIORS) | set(DETERMINISTIC_PRIORS) == set(PRIORS)
 
 
-@pytest.mark.parametrize("prior", sorted(PRIORS))
+@pytest.mark.parametrize("prior", GENERAL_PRIORS)
 @pytest.mark.parametrize("num_tokens", [1, 2, 3, 5, 7, 10, 25, 49])
 def test_exact_count_range_dtype(prior, num_tokens):
     pos = draw(prior, num_tokens)
@@ -39,7 +45,7 @@ def test_exact_count_range_dtype(prior, num_tokens):
     assert pos.min() >= 0 and pos.max() <= 1
 
 
-@pytest.mark.parametrize("prior", sorted(PRIORS))
+@pytest.mark.parametrize("prior", GENERAL_PRIORS)
 def test_non_square_image(prior):
     pos = draw(prior, 6, image_size=(24, 40))
     assert pos.shape == (B, 6, 2) and pos.min() >= 0 and pos.max() <= 1
@@ -57,7 +63,7 @@ def test_random_priors_are_seeded(prior):
     assert not torch.equal(draw(prior, 10, seed=g), a)
 
 
-@pytest.mark.parametrize("prior", ("uniform", "gaussian", "sobol", "salient", "grid"))
+@pytest.mark.parametrize("prior", RANDOM_PRIORS)
 def test_random_priors_differ_between_images(prior):
     pos = draw(prior, 10)
     assert not torch.equal(pos[0], pos[1])
@@ -65,7 +71,8 @@ def test_random_priors_differ_between_images(prior):
 
 @pytest.mark.parametrize("prior", DETERMINISTIC_PRIORS)
 def test_deterministic_priors_ignore_seed_and_repeat_per_image(prior):
-    a, b = draw(prior, 10, seed=1), draw(prior, 10, seed=2)
+    n = 16 if prior in AUTHORS_PRIORS else 10  # 4 x 4 fills the authors' lattice at 28 px
+    a, b = draw(prior, n, seed=1), draw(prior, n, seed=2)
     assert torch.equal(a, b)
     assert torch.equal(a[0], a[1])
 
@@ -208,8 +215,85 @@ def test_salient_errors():
 
 
 def test_salient_is_flagged_as_using_an_external_model():
-    assert "salient" in USES_EXTERNAL_MODEL
-    assert not ({"uniform", "gaussian", "sobol", "isotropic", "center", "grid"} & USES_EXTERNAL_MODEL)
+    assert USES_EXTERNAL_MODEL == {"salient", "salient_spread"}
+
+
+# -- structured layouts on grid cells (case study 1's control) -------------------------
+@pytest.mark.parametrize("prior, lattice", [("isotropic_grid", lambda n: isotropic_lattice(n)),
+                                            ("center_grid", lambda n: warp_to_center(isotropic_lattice(n)))])
+@pytest.mark.parametrize("grid", [(7, 7), (3, 5)])
+def test_lattice_on_grid_cells_is_distinct_cells_near_the_lattice(prior, lattice, grid):
+    gh, gw = grid
+    centres = {tuple(p) for p in grid_positions(grid)[0].tolist()}
+    cell = torch.tensor([1 / gh, 1 / gw])
+    for n in range(1, gh * gw + 1):
+        pos = sample_positions(prior, 2, n, grid_size=grid)
+        points = [tuple(p) for p in pos[0].tolist()]
+        assert set(points) <= centres and len(set(points)) == n  # grid cells, each at most once
+        assert torch.equal(pos[0], pos[1])
+        if n in (1, 4, 9) and prior == "isotropic_grid" and grid == (7, 7):
+            # r x r lattices whose points lie in distinct cells: each point goes to the cell that holds it
+            holding = ((lattice(n) / cell).floor() + 0.5) * cell
+            torch.testing.assert_close(pos[0], holding, rtol=0, atol=1e-6)
+    full = sample_positions(prior, 1, gh * gw, grid_size=grid)[0]
+    assert {tuple(p) for p in full.tolist()} == centres  # at N = G: the whole grid
+
+
+def test_onto_distinct_cells_resolves_collisions_nearest_first():
+    grid = (4, 4)
+    points = torch.tensor([[0.30, 0.30], [0.32, 0.32], [0.90, 0.10]])  # the first two share cell (1, 1)
+    cells = onto_distinct_cells(points, grid)
+    assert cells[0].tolist() == [0.375, 0.375] or cells[1].tolist() == [0.375, 0.375]
+    assert len({tuple(c) for c in cells.tolist()}) == 3
+    assert cells[2].tolist() == [0.875, 0.125]
+    with pytest.raises(ValueError, match="distinct cells of a 4x4 grid"):
+        onto_distinct_cells(torch.rand(17, 2), grid)
+
+
+def test_structured_grid_priors_need_the_grid():
+    for prior in ("isotropic_grid", "center_grid", "salient_spread"):
+        with pytest.raises(ValueError, match=rf"{prior}.*needs grid_size"):
+            sample_positions(prior, 1, 4, saliency=torch.ones(1, 8, 8))
+
+
+# -- non-overlapping salient draws ---------------------------------------------------
+def test_salient_spread_keeps_windows_apart_while_room_remains():
+    H = W = 28
+    grid = (7, 7)  # windows of 4 px: picks at least 4 px apart (Chebyshev) while free pixels remain
+    saliency = torch.rand(5, H, W, generator=torch.Generator().manual_seed(0))
+    pos = sample_positions("salient_spread", 5, 25, seed=0, saliency=saliency, grid_size=grid)
+    pixels = (pos * torch.tensor([H, W])).floor()
+    for image in pixels:
+        gap = (image[:, None] - image[None]).abs().amax(-1) + torch.eye(len(image)) * 99
+        assert gap.min() >= 4
+    plain = sample_positions("salient", 5, 25, seed=0, saliency=saliency)
+    gap = lambda p: ((p[:, :, None] - p[:, None]).abs().amax(-1) + torch.eye(25) * 99).amin((1, 2))
+    assert (gap((plain * H).floor()) < 4).any()  # the i.i.d. draw bunches on the same maps
+
+
+def test_salient_spread_stays_on_the_map_and_falls_back_when_full():
+    H = W = 16
+    saliency = torch.zeros(2, H, W)
+    saliency[:, 8:, :8] = 1.0  # one quadrant: 8 x 8 px, room for 4 windows of 4 px (grid 4x4)
+    few = sample_positions("salient_spread", 2, 4, seed=0, saliency=saliency, grid_size=(4, 4))
+    assert ((few[..., 0] >= 0.5) & (few[..., 1] < 0.5)).all()
+    many = sample_positions("salient_spread", 2, 20, seed=0, saliency=saliency, grid_size=(4, 4))
+    pixels = [{tuple(p) for p in (img * H).floor().tolist()} for img in many]
+    assert all(len(p) == 20 for p in pixels)  # still distinct pixels once the map is covered
+
+
+# -- the authors' lattice (published checkpoints) -----------------------------------------
+def test_authors_lattice_matches_their_pixel_arithmetic():
+    """s = sqrt(H W / N); start trunc(s / 2) px, step round(s) px; positions = px / H (their convention)."""
+    px = authors_lattice(100, (224, 224)) * 224
+    assert sorted(set(px[:, 0].round().int().tolist())) == [11 + 22 * i for i in range(10)]  # not centred
+    for n, r in ((49, 7), (196, 14)):  # here it is the centred lattice, as isotropic
+        torch.testing.assert_close(authors_lattice(n, (224, 224)), isotropic_lattice(n), rtol=0, atol=1e-6)
+    assert sorted(set((authors_lattice(25, (224, 224))[:, 1] * 224).round().int().tolist())) == [22, 67, 112, 157, 202]
+    torch.testing.assert_close(sample_positions("center_authors", 1, 100, image_size=(224, 224))[0],
+                               warp_to_center(authors_lattice(100, (224, 224))))
+    with pytest.raises(ValueError, match="authors' lattice has .* not N"):
+        sample_positions("isotropic_authors", 1, 10, image_size=(224, 224))
 
 
 # -- generic errors ----------------------------------------------------------------

@@ -37,8 +37,10 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "backbones": ("train_size", "eval_size", "batch_size", "models"),
     "grid_limitation": ("budgets", "priors", "test_size", "batch_size", "seed"),
     "saliency": ("source", "test_size", "bank_size", "batch_size"),
-    "spatial_priors": ("budgets", "priors", "test_size", "bank_size", "knn_k", "knn_temperature", "batch_size", "seed"),
-    "oracle": ("budgets", "init_priors", "test_size", "bank_size", "steps", "lr", "interdependence_budget",
+    "spatial_priors": ("budgets", "priors", "extra_saliency", "test_size", "bank_size", "knn_k", "knn_temperature",
+                       "batch_size", "seed"),
+    "oracle": ("budgets", "init_priors", "test_size", "bank_size", "steps", "lr", "saturation_steps",
+               "grid_oracle_budgets", "grid_oracle_size", "extra_saliency", "interdependence_budget",
                "interdependence_size", "knn_k", "knn_temperature", "batch_size", "seed"),
     "sparsification": ("budgets", "prune_after", "hidden", "train", "test_size", "bank_size", "knn_k",
                        "knn_temperature", "batch_size", "throughput_batch"),
@@ -209,6 +211,18 @@ def _prior_names(value) -> str | None:
     return f"a list of priors from: {', '.join(PRIORS)} (unknown: {', '.join(map(repr, bad))})" if bad else None
 
 
+def _saliency_list(value) -> str | None:
+    valid = _saliency_sources()
+    if not isinstance(value, list) or any(v not in valid for v in value) or len(set(value)) != len(value):
+        return f"a list (possibly empty) of distinct saliency sources from: {', '.join(valid)}"
+    return None
+
+
+def _steps_list(value) -> str | None:
+    ok = isinstance(value, list) and value and all(_integer(v, 0) is None for v in value) and len(set(value)) == len(value)
+    return None if ok else "a non-empty list of distinct integers >= 0 (oracle step counts)"
+
+
 def _choice(choices: Callable[[], Any]) -> Callable[[Any], str | None]:
     def check(value):
         valid = list(choices())
@@ -254,6 +268,7 @@ KEY_RULES: dict[str, Callable[[Any], str | None]] = {
        for key in ("train_size", "test_size", "bank_size", "eval_size", "train_per_class")},
     **{key: functools.partial(_integer, minimum=1)
        for key in ("batch_size", "throughput_batch", "image_size", "knn_k", "workers", "interdependence_size",
+                   "grid_oracle_size",
                    "interdependence_budget", "hidden")},
     "seed": functools.partial(_integer, minimum=0),
     "steps": functools.partial(_integer, minimum=0),
@@ -265,6 +280,9 @@ KEY_RULES: dict[str, Callable[[Any], str | None]] = {
     "budgets": _budgets,
     "priors": _prior_names,
     "init_priors": _prior_names,
+    "grid_oracle_budgets": _budgets,
+    "extra_saliency": _saliency_list,
+    "saturation_steps": _steps_list,
 }
 STAGE_RULES: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("data", "source"): _choice(_data_sources),
@@ -295,6 +313,14 @@ def check_stage(stage: str, section: Mapping) -> None:
             raise ConfigError(f"stage {stage!r}, key {key!r}: {err}") from err
         if problem:
             raise ConfigError(f"stage {stage!r}, key {key!r} must be {problem}; got {value!r}")
+    if stage == "oracle":  # keys that constrain each other
+        if max(section["saturation_steps"]) > section["steps"]:
+            raise ConfigError(f"stage 'oracle': saturation_steps {section['saturation_steps']} go beyond "
+                              f"steps = {section['steps']}; use step counts from 0 to {section['steps']}")
+        extra = [n for n in section["grid_oracle_budgets"] if n not in section["budgets"]]
+        if extra:
+            raise ConfigError(f"stage 'oracle': grid_oracle_budgets {extra} are not in budgets; "
+                              f"valid choices: {section['budgets']}")
 
 
 def check_params(params: Mapping, stages: list[str] | None = None) -> None:

@@ -48,6 +48,8 @@ SPOT_RECIPES = {
     "mixed priors + 25% full grid, 1 epoch, lr 3e-4": dict(epochs=1, lr=3.0e-4, priors=ALL_PRIORS, grid_fraction=0.25),
     "mixed priors + 50% full grid, 1 epoch, lr 1e-3": dict(epochs=1, lr=1.0e-3, priors=ALL_PRIORS, grid_fraction=0.5),
     "mixed priors + 25% full grid, 2 epochs, lr 1e-3": dict(epochs=2, lr=1.0e-3, priors=ALL_PRIORS, grid_fraction=0.25),
+    "mixed priors + 50% full grid, 1 epoch, lr 3e-4": dict(epochs=1, lr=3.0e-4, priors=ALL_PRIORS, grid_fraction=0.5),
+    "mixed priors + 75% full grid, 1 epoch, lr 1e-3": dict(epochs=1, lr=1.0e-3, priors=ALL_PRIORS, grid_fraction=0.75),
 }
 SPOT_BASE = dict(batch_size=128, weight_decay=0.05, seed=0, min_tokens=4, max_tokens=49)
 SPARSE = dict(budgets=[6, 12, 25], priors=["uniform", "gaussian", "sobol", "isotropic", "center"])

@@ -324,25 +324,30 @@ def grid_oracle_split(model: SPoTViT, split: Split, num_tokens: int, batch_size:
 
 def misalignment(runs: Mapping[tuple, OracleResult], models: Mapping[str, SPoTViT], test: Split,
                  budgets: Sequence[int], prior: str, device, batch_size: int = 250,
-                 grid_search_images: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                 grid_search_images: int | None = None,
+                 grid_budgets: Sequence[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Top-1 (with intervals) at the prior, at the oracle's subpixel positions, with those snapped to
     grid cells, and at the grid-constrained oracle (a greedy search over distinct cells with the true
-    label, on the first ``grid_search_images`` images, all by default); and the paired difference of
-    the subpixel oracle and each grid-bound placement on the same images."""
+    label, on the first ``grid_search_images`` images, all by default, at the budgets in
+    ``grid_budgets``, all by default: the search costs N passes per token); and the paired difference
+    of the subpixel oracle and each grid-bound placement on the same images."""
     rows, contrasts = [], []
+    searched_budgets = set(budgets if grid_budgets is None else grid_budgets)
+    m = len(test) if grid_search_images is None else min(grid_search_images, len(test))
     for name, model in models.items():
         for n in budgets:
             res = runs[name, prior, n]
-            m = len(test) if grid_search_images is None else min(grid_search_images, len(test))
-            searched = grid_oracle_split(model, test.head(m), n, batch_size, device, desc=f"grid oracle {name} {n}")
+            snapped = snap_to_grid(res.positions, model.grid_size)
             placements = {"prior": res.correct_before, "oracle subpixel": res.correct_after,
                           "oracle snapped to grid": evaluate_outcomes(model, test, None, prior, n, device=device,
-                                                                      positions=snap_to_grid(res.positions, model.grid_size))["acc1"],
-                          "grid oracle (greedy cells)": evaluate_outcomes(model, test.head(m), None, prior, n,
-                                                                          positions=searched, device=device)["acc1"]}
+                                                                      positions=snapped)["acc1"]}
+            if n in searched_budgets:
+                searched = grid_oracle_split(model, test.head(m), n, batch_size, device, desc=f"grid oracle {name} {n}")
+                placements["grid oracle (greedy cells)"] = evaluate_outcomes(model, test.head(m), None, prior, n,
+                                                                             positions=searched, device=device)["acc1"]
             for kind, correct in placements.items():
                 rows.append(scored(correct, backbone=name, tokens=n, positions=kind))
-            for kind in ("oracle snapped to grid", "grid oracle (greedy cells)"):
+            for kind in [k for k in placements if k not in ("prior", "oracle subpixel")]:
                 k = len(placements[kind])
                 contrasts.append(dict(backbone=name, tokens=n, a="oracle subpixel", b=kind,
                                       **paired_effect(placements["oracle subpixel"][:k].numpy(),
