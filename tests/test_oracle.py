@@ -225,3 +225,58 @@ def test_spot_on_split_equals_spot_on(vit_factory, split_factory):
     assert torch.equal(batched.correct_after, whole.correct_after)
     with pytest.raises(ValueError, match="init_positions hold 6 images, the split 7"):
         spot_on_split(spot, split, init[:6], steps=1, desc=None)
+
+
+def test_correct_holds_every_step(oracle_run):
+    """correct[:, t] is top-1 at trajectory[:, t]: the saturation curve reads it without re-evaluating."""
+    spot, images, labels, _, r = oracle_run
+    assert r.correct.shape == (images.shape[0], STEPS + 1) and r.correct.dtype == torch.bool
+    for t in (0, 1, STEPS // 2):
+        with torch.no_grad():
+            hit = spot(images, r.trajectory[:, t]).argmax(-1) == labels
+        assert torch.equal(r.correct[:, t], hit)
+    assert torch.equal(r.correct[:, 0], r.correct_before) and torch.equal(r.correct[:, -1], r.correct_after)
+
+
+# -- the grid-constrained oracle (misalignment control) ---------------------------------
+def cell_losses(spot, images, labels, cells):
+    """Cross-entropy per image with tokens at ``cells`` (B, n, 2)."""
+    with torch.no_grad():
+        return torch.nn.functional.cross_entropy(spot(images, cells), labels, reduction="none")
+
+
+def test_grid_oracle_picks_distinct_cells_greedily(trained_blob_model):
+    from spotlib.oracle import grid_oracle
+
+    spot, images, labels = trained_blob_model
+    images, labels = images[:6], labels[:6]
+    centres = spot.grid_positions(1)[0]  # (G, 2), G = 16
+    G = len(centres)
+    cells = grid_oracle(spot, images, labels, 3)
+    assert cells.shape == (6, 3, 2)
+    index = torch.cdist(cells.reshape(-1, 2), centres).argmin(-1).view(6, 3)
+    assert torch.allclose(centres[index], cells)  # on cell centres ...
+    assert all(len(set(row.tolist())) == 3 for row in index)  # ... each cell at most once
+    # step 1 is the best single cell (brute force), step 2 the best partner of it
+    singles = torch.stack([cell_losses(spot, images, labels, centres[[g]].expand(6, 1, 2)) for g in range(G)], 1)
+    assert torch.equal(index[:, 0], singles.argmin(1))
+    pairs = torch.stack([cell_losses(spot, images, labels, torch.stack([centres[index[:, 0]], centres[g].expand(6, 2)], 1))
+                         for g in range(G)], 1)
+    pairs[torch.arange(6), index[:, 0]] = float("inf")
+    assert torch.equal(index[:, 1], pairs.argmin(1))
+    # chunking is an implementation detail; N = G is the whole grid; N beyond G is an error
+    assert torch.equal(grid_oracle(spot, images, labels, 3, chunk=5), cells)
+    full = grid_oracle(spot, images, labels, G)
+    assert {tuple(p) for p in full[0].tolist()} == {tuple(p) for p in centres.tolist()}
+    with pytest.raises(ValueError, match="num_tokens"):
+        grid_oracle(spot, images, labels, G + 1)
+
+
+def test_grid_oracle_beats_random_cells_on_its_objective(trained_blob_model):
+    from spotlib.oracle import grid_oracle
+    from spotlib.priors import sample_positions
+
+    spot, images, labels = trained_blob_model
+    searched = cell_losses(spot, images, labels, grid_oracle(spot, images, labels, 2))
+    random = cell_losses(spot, images, labels, sample_positions("grid", len(labels), 2, seed=0, grid_size=spot.grid_size))
+    assert (searched <= random + 1e-5).float().mean() >= 0.9 and searched.mean() < random.mean()

@@ -87,8 +87,8 @@ def _ordered(levels, order=PRIOR_ORDER) -> list:
 
 
 def lines_with_intervals(data: pd.DataFrame, x: str, y: str = "value", hue: str = "prior", style: str | None = None,
-                         col: str | None = None, row: str | None = None, low: str = "ci_low", high: str = "ci_high", hue_title: str | None = None,
-                         style_title: str | None = None, logx: bool = True, height: float = 3.2) -> sns.FacetGrid:
+                         col: str | None = None, row: str | None = None, low: str = "ci_low", high: str = "ci_high",
+                         hue_title: str | None = None, style_title: str | None = None, logx: bool = True, height: float = 3.2) -> sns.FacetGrid:
     """One line per ``hue`` (dashes per ``style``) with its interval as error bars (``low``/``high``),
     one panel per ``col`` (and ``row``); the legend titles name what the lines are (``hue_title``, ``style_title``)."""
     hues = _ordered(data[hue])
@@ -97,8 +97,8 @@ def lines_with_intervals(data: pd.DataFrame, x: str, y: str = "value", hue: str 
     markers, dashes = ["o", "s", "^", "D", "v"], ["-", "--", ":", "-."]
     grid = sns.FacetGrid(data, col=col, row=row, height=height, aspect=1.15, sharey=True, margin_titles=row is not None)
 
-    def draw(frame: pd.DataFrame, **_):
-        ax = plt.gca()
+    def draw(*_, data: pd.DataFrame, **__):  # FacetGrid.map_dataframe passes each panel's rows as data=
+        frame, ax = data, plt.gca()
         for j, level in enumerate(styles):
             part = frame if level is None else frame[frame[style] == level]
             for h in hues:

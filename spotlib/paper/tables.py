@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from .io import write_text
@@ -37,6 +36,7 @@ def results_table(tidy: pd.DataFrame, row_order: list[tuple[str, str]] | None = 
     fields = [f for f in ("value", "ci_low", "ci_high", "spread", "mflops") if f in tidy and tidy[f].notna().any()]
     table = tidy.pivot_table(index=["model", "prior", "oracle"], columns=["tokens", "metric"], values=fields,
                              aggfunc="first", dropna=False)
+    table = table.dropna(how="all")  # dropna=False keeps NaN cells but also forms (model, prior, oracle) pairs absent from tidy
     table = table.reorder_levels([1, 2, 0], axis=1)
     metric_rank = {m: i for i, m in enumerate(METRIC_NAMES)}
     table = table[sorted(table.columns, key=lambda c: (c[0], metric_rank.get(c[1], 99), fields.index(c[2])))]
