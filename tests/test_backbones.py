@@ -11,7 +11,7 @@ import torch
 from checkpoint_formats import mae_state_dict, published_state_dict
 from conftest import make_split
 from spotlib.paper.backbones import (VIT_SOURCES, build_model, create_grid_vit, fit_linear_probe, load_backbones,
-                                     prepare_backbone)
+                                     prepare_backbone, replicate_groups)
 from spotlib.paper.io import write_json
 from spotlib.paper.checkpoints import IMAGENET_MEAN, IMAGENET_STD, PublishedSPoT
 from spotlib.data import for_model
@@ -191,3 +191,15 @@ def test_pretrained_timm_weights_offline_fail_clearly(monkeypatch, rgb_split, tm
     spec = {"vit": {"timm_name": "vit_tiny_patch16_224.augreg_in21k_ft_in1k", "pretrained": True}, "grid": None}
     with pytest.raises(RuntimeError, match="could not load the pretrained weights.*internet.*pretrained_cfg_overlay"):
         prepare_backbone("T", spec, rgb_split, tmp_path)
+
+
+def test_replicate_groups_pairs_specs_that_differ_only_in_seeds():
+    recipe = {"vit": {"embed_dim": 64, "depth": 4}, "grid": {"epochs": 4, "seed": 0}, "spot": {"epochs": 1, "seed": 0}}
+    reseeded = {**recipe, "grid": {"epochs": 4, "seed": 1}, "spot": {"epochs": 1, "seed": 1}}
+    wider = {**reseeded, "vit": {"embed_dim": 96, "depth": 4}}
+    longer = {**recipe, "grid": {"epochs": 8, "seed": 2}}
+    assert replicate_groups({"A": recipe, "B": reseeded}) == {"mean(A,B)": ["A", "B"]}
+    assert replicate_groups({"A": recipe, "B": reseeded, "C": wider, "D": longer}) == {"mean(A,B)": ["A", "B"]}
+    assert replicate_groups({"A": recipe, "C": wider, "D": longer}) == {}  # another width or schedule is no replicate
+    three = {"A": recipe, "B": reseeded, "E": {**recipe, "grid": {"epochs": 4, "seed": 5}}}
+    assert replicate_groups(three) == {"mean(A,B,E)": ["A", "B", "E"]}

@@ -89,7 +89,9 @@ def test_editing_a_profile_that_is_not_running_reruns_nothing(tmp_path):
     assert read_profile("natural", work)["grid_limitation"]["test_size"] == 7
     assert status() == before
     params = work / "params.yaml"
-    params.write_text(params.read_text().replace("  test_size: 2000", "  test_size: 7", 1))
+    edited = yaml.safe_load(params.read_text())
+    edited["grid_limitation"]["test_size"] = 7
+    params.write_text(yaml.safe_dump(edited, sort_keys=False))
     after = status()
     changed = [stage for stage in STAGES if after.get(stage) != before.get(stage)]
     assert changed == ["grid_limitation"], changed
@@ -333,7 +335,8 @@ def shrunk_stages(budgets: list[int], grid_tokens: int, prune_after: int) -> dic
         "saliency": {"test_size": n_test, "bank_size": n_bank, "batch_size": 8},
         "spatial_priors": {"budgets": budgets, "test_size": n_test, "bank_size": n_bank, "batch_size": 8},
         "oracle": {"budgets": budgets, "test_size": n_test, "bank_size": n_bank, "steps": 2, "batch_size": 8,
-                   "interdependence_budget": budgets[0], "interdependence_size": 2},
+                   "interdependence_budget": budgets[0], "interdependence_size": 2, "saturation_steps": [0, 1, 2],
+                   "grid_oracle_budgets": budgets[:1], "grid_oracle_size": 3},
         "sparsification": {"budgets": budgets, "prune_after": prune_after, "test_size": n_test, "bank_size": n_bank,
                            "batch_size": 8, "throughput_batch": 4,
                            "train": {"batch_size": 6, "min_keep": 2, "max_keep": grid_tokens, "samples": 2,
