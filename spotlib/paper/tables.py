@@ -88,8 +88,9 @@ def _formatted(table: pd.DataFrame, bold: str, check: str) -> pd.DataFrame:
     out["Oracle"] = out["Oracle"].map({True: check, False: ""})
     costs = [(t, m) for t, m in budgets_and_metrics(table) if m == "acc1" and (t, m, "mflops") in table]
     if costs:
-        out["MFLOPs"] = ["/".join("" if pd.isna(row[(t, m, "mflops")]) else f"{row[(t, m, 'mflops')]:.1f}"
-                                  for t, m in costs) for _, row in table.iterrows()]
+        out["MFLOPs"] = ["/".join("–" if pd.isna(row[(t, m, "mflops")]) else f"{row[(t, m, 'mflops')]:.1f}"
+                                  for t, m in costs) if row[[(t, m, "mflops") for t, m in costs]].notna().any()
+                         else "" for _, row in table.iterrows()]
     out["n"] = [f"{int(v):,}" if not pd.isna(v) else "" for v in table[("n", "", "")]]
     return out
 
@@ -139,8 +140,11 @@ def save_frame(frame: pd.DataFrame, stem: str | Path, caption: str = "", floatfm
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_suffix(".csv"), stem.with_suffix(".md"), stem.with_suffix(".tex")]
     write_text(paths[0], frame.to_csv(index=False))
-    write_text(paths[1], (f"{caption}\n\n" if caption else "") + frame.to_markdown(index=False, floatfmt=floatfmt) + "\n")
-    write_text(paths[2], frame.to_latex(index=False, float_format=lambda v: format(v, floatfmt),
+    # a cell nothing measured (NaN) reads as a dash in the rendered tables, as an empty field in the CSV
+    shown = frame.astype(object).where(frame.notna(), None)
+    write_text(paths[1], (f"{caption}\n\n" if caption else "")
+               + shown.to_markdown(index=False, floatfmt=floatfmt, missingval="–") + "\n")
+    write_text(paths[2], frame.to_latex(index=False, float_format=lambda v: format(v, floatfmt), na_rep="--",
                                         caption=latex_caption(caption), escape=True))
     return paths
 
