@@ -20,35 +20,16 @@ import papermill
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from spotlib.paper.pipeline import notebook_for, stage_names  # noqa: E402
+from spotlib.paper.pipeline import clean_notebook, notebook_for, stage_names  # noqa: E402
 from spotlib.utils import PROGRESS_ENV  # noqa: E402
 
 os.environ.setdefault(PROGRESS_ENV, "text")  # text progress in the stored outputs, as in pipeline runs
-
-WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
-
-
-def clean(notebook: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """Drop widget state, timestamps and papermill metadata; keep a widget output's text fallback."""
-    for key in ("widgets", "papermill"):
-        notebook.metadata.pop(key, None)
-    for cell in notebook.cells:
-        for key in ("execution", "papermill"):
-            cell.metadata.pop(key, None)
-        if cell.cell_type != "code":
-            continue
-        for output in cell.outputs:
-            data = output.get("data", {})
-            if WIDGET_VIEW in data:
-                data.pop(WIDGET_VIEW)
-    return notebook
-
 
 def refresh(stage: str) -> None:
     path = notebook_for(stage, ROOT)
     print(f"{path.name}: executing", flush=True)
     executed = papermill.execute_notebook(str(path), None, cwd=str(ROOT), progress_bar=False)
-    nbformat.write(clean(executed), str(path))
+    nbformat.write(clean_notebook(executed), str(path))
     print(f"{path.name}: {path.stat().st_size / 1024:.0f} KB", flush=True)
 
 

@@ -27,3 +27,27 @@ def test_stored_notebook_is_clean(path):
         assert not {"execution", "papermill"} & set(cell.metadata), f"{path.name} cell {index}: run metadata"
         for output in cell.get("outputs", []):
             assert WIDGET_VIEW not in output.get("data", {}), f"{path.name} cell {index}: a progress widget"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_nbval_markers_are_ones_nbval_reads(path):
+    """nbval only honours a marker that is the whole comment: ``# NBVAL_IGNORE_OUTPUT: why`` is silently
+    a compared cell (whose measured values then fail on another CPU)."""
+    from nbval.plugin import comment_markers
+
+    for index, cell in enumerate(nbformat.read(path, as_version=4).cells):
+        for line in cell.source.splitlines() if cell.cell_type == "code" else []:
+            if line.lstrip("# ").startswith("NBVAL"):
+                assert line.lstrip("#").strip() in comment_markers, f"{path.name} cell {index}: {line!r}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_compared_cells_hold_no_progress_text(path):
+    """A progress bar's text (stderr) differs on every run (rates, or widgets in a kernel): a cell whose
+    outputs nbval compares must not store it, or nbval fails with 'Missing output fields: stderr'."""
+    from spotlib.paper.pipeline import output_is_compared
+
+    for index, cell in enumerate(nbformat.read(path, as_version=4).cells):
+        if cell.cell_type == "code" and output_is_compared(cell):
+            streams = {output.get("name") for output in cell.outputs}
+            assert "stderr" not in streams, f"{path.name} cell {index}: stored stderr in a compared cell"

@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
+import nbformat
 import yaml
 
 from ..utils import PROGRESS_ENV
@@ -85,6 +86,31 @@ def check_parameters(stage: str, namespace: Mapping) -> None:
     if unknown:
         raise ConfigError(f"stage {stage!r}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
                           f"valid parameters: {', '.join(sorted(declared))}")
+
+
+# -- executed notebooks ------------------------------------------------------------------------
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+IGNORE_OUTPUT = "# NBVAL_IGNORE_OUTPUT"
+
+
+def output_is_compared(cell) -> bool:
+    """Whether ``pytest --nbval`` compares this code cell's outputs (no ``# NBVAL_IGNORE_OUTPUT``/``SKIP`` line).
+    Such a cell must not show a progress bar: its text changes on every run."""
+    lines = {line.strip() for line in cell.source.splitlines()}
+    return not lines & {IGNORE_OUTPUT, "# NBVAL_SKIP"}
+
+
+def clean_notebook(notebook):
+    """An executed notebook as it is stored: no widget state, no execution timestamps or papermill
+    metadata, progress-bar widgets reduced to their text."""
+    for key in ("widgets", "papermill"):
+        notebook.metadata.pop(key, None)
+    for cell in notebook.cells:
+        for key in ("execution", "papermill"):
+            cell.metadata.pop(key, None)
+        for output in cell.get("outputs", []):
+            output.get("data", {}).pop(WIDGET_VIEW, None)
+    return notebook
 
 
 # -- running -----------------------------------------------------------------------------------
@@ -142,8 +168,9 @@ def run_stage(stage: str, profile: str | None = None, out_root: str = ".",
     # the executed notebook keeps readable text instead of widget placeholders
     os.environ.setdefault(PROGRESS_ENV, "text")
     with atomic_path(target) as tmp:
-        papermill.execute_notebook(str(notebook), str(tmp), parameters=parameters, cwd=str(root),
-                                   progress_bar=False, log_output=True)
+        executed = papermill.execute_notebook(str(notebook), str(tmp), parameters=parameters, cwd=str(root),
+                                              progress_bar=False, log_output=True)
+        nbformat.write(clean_notebook(executed), str(tmp))  # small, diffable, readable in JupyterLab
     shutil.rmtree(root / resume_dir(stage, out_root), ignore_errors=True)
     return target
 
