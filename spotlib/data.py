@@ -110,7 +110,9 @@ def load_split(data_dir: str | Path, split: str) -> Split:
 
     data_dir = Path(data_dir)
     if not (data_dir / "stats.json").exists():
-        raise FileNotFoundError(f"no dataset at {data_dir}; build it first (the data stage: dvc repro data)")
+        raise FileNotFoundError(f"no dataset at {data_dir}; build it first: `dvc repro data` for the workspace's "
+                                f"results/data, or `python -m spotlib.paper.pipeline data --profile <profile> "
+                                f"--out-root <root>` for <root>/results/data (opening a stage notebook does it)")
 
     def unreadable(err: Exception) -> Exception:
         kind = FileNotFoundError if isinstance(err, FileNotFoundError) else ValueError

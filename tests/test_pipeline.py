@@ -21,7 +21,8 @@ import yaml
 
 from spotlib.paper.config import (STAGE_KEYS, ConfigError, check_params, deep_merge, dvc_overrides, load_params,
                                   profile_names, read_profile, repo_root)
-from spotlib.paper.pipeline import RUNNER_PARAMETERS, notebook_for, upstream_stages
+from spotlib.paper.pipeline import RUNNER_PARAMETERS, missing_upstream, notebook_for, stage_outputs, upstream_stages
+from spotlib.paper.tables import file_stem
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
@@ -197,6 +198,32 @@ def test_papermill_typo_parameter_fails_the_notebook(tmp_path):
                                    progress_bar=False)
 
 
+def test_missing_upstream_lists_every_stage_a_notebook_needs(tmp_path):
+    """Transitive and in pipeline order; a stage counts as built when its outputs exist (an in-place
+    JupyterLab run leaves no executed notebook), and one missing output means it must run again."""
+    assert missing_upstream("data", tmp_path, ROOT) == []
+    assert missing_upstream("figures", tmp_path, ROOT) == [s for s in STAGES if s != "figures"]
+    for out in stage_outputs("data", ROOT):
+        if not out.startswith("results/notebooks/"):
+            (tmp_path / out).mkdir(parents=True)
+    assert missing_upstream("oracle", tmp_path, ROOT) == ["backbones", "saliency"]
+
+
+def test_a_notebook_opened_alone_builds_what_it_needs(tmp_path):
+    """From a fresh clone, a stage notebook run with papermill (as JupyterLab or nbconvert would) runs the
+    earlier stages it reads first, under its own out_root, and then completes."""
+    import papermill
+
+    out = tmp_path / "run.ipynb"
+    papermill.execute_notebook(str(notebook_for("saliency", ROOT)), str(out), cwd=str(ROOT), progress_bar=False,
+                               parameters={"out_root": str(tmp_path), "overrides": ["saliency.test_size=8"]})
+    assert (tmp_path / "results" / "data" / "stats.json").exists()
+    assert (tmp_path / "results" / "notebooks" / "00_data.ipynb").exists()  # the data stage's executed copy
+    assert (tmp_path / "results" / "saliency" / "test.safetensors").exists()
+    assert "stage data has no outputs" in "".join(o.get("text", "") for c in nbformat.read(out, as_version=4).cells
+                                                  for o in c.get("outputs", []))
+
+
 def _parameters_cell(notebook: Path) -> dict:
     nb = nbformat.read(notebook, as_version=4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
@@ -293,6 +320,9 @@ def test_dvc_repro_smoke_end_to_end(tmp_path):
     assert all(m["spot_view_vs_timm_max_rel_diff"] < 1e-5 for m in metrics.values())
     shown = run_in(work, "dvc", "metrics", "show", "--json")
     assert shown.returncode == 0 and "spot_on_acc1" in shown.stdout
+    drawn = run_in(work, "dvc", "plots", "show", "--json")  # every field dvc.yaml's plots name exists
+    assert drawn.returncode == 0 and not json.loads(drawn.stdout).get("errors"), drawn.stdout[:2000]
+    assert json.loads(drawn.stdout)["data"]["accuracy_vs_flops"][0]["content"]["data"]["values"]
     again = run_in(work, "dvc", "repro")
     assert again.returncode == 0
     assert "didn't change, skipping" in again.stdout and "Running stage" not in again.stdout
@@ -396,7 +426,7 @@ def test_dvc_repro_imagenet_profile_shape(tmp_path):
     metrics = json.loads((work / "results" / "backbones" / "metrics.json").read_text())
     assert all(m["spot_view_vs_timm_max_rel_diff"] < 1e-5 for m in metrics.values())
     for name in manifest:
-        assert (work / "figures" / f"results_{name}.tex").stat().st_size > 0
+        assert (work / "figures" / f"results_{file_stem(name)}.tex").stat().st_size > 0
     transfer = pd.read_csv(work / "results" / "oracle" / "transfer.csv")
     assert set(transfer.source) == {"prior", *manifest} and set(transfer.target) == set(manifest)
 
@@ -419,7 +449,7 @@ def test_dvc_repro_natural_profile_shape(tmp_path):
     assert manifest["DINOv2-S"]["grid"]["arch"]["timm_name"] == "vit_small_patch14_dinov2"
     sweep = pd.read_csv(work / "results" / "spatial_priors" / "sweep.csv")
     assert set(sweep.tokens) == {4, 16} and sweep.value.between(0, 100).all()
-    assert (work / "figures" / "results_DINOv2-S.md").stat().st_size > 0
+    assert (work / "figures" / f"results_{file_stem('DINOv2-S')}.md").stat().st_size > 0
 
 
 def test_repo_root_is_found_from_a_subfolder():

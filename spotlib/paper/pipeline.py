@@ -145,32 +145,64 @@ def check_upstream(stage: str, out_root: str | Path = ".", root: Path | None = N
                 f"{out_root}` first (or `dvc repro {stage}` for the workspace)")
 
 
+def stage_outputs(stage: str, root: Path | None = None) -> list[str]:
+    """The paths ``stage`` writes (its outs and metrics in dvc.yaml), relative to an out_root."""
+    root = root or repo_root()
+    spec = yaml.safe_load((root / "dvc.yaml").read_text())["stages"][stage]
+    return [next(iter(out)) if isinstance(out, dict) else out for out in spec.get("outs", []) + spec.get("metrics", [])]
+
+
+def missing_upstream(stage: str, out_root: str | Path = ".", root: Path | None = None) -> list[str]:
+    """The stages ``stage`` needs, directly or through another, that have left no outputs under
+    ``out_root`` (pipeline order): what a notebook opened on its own must build first. The executed
+    notebook (a pipeline run's completion record) is not required, as an in-place run writes none."""
+    root = root or repo_root()
+    needed, frontier = set(), [stage]
+    while frontier:
+        for name in upstream_stages(frontier.pop(), root):
+            if name not in needed:
+                needed.add(name)
+                frontier.append(name)
+    record = "results/notebooks/"
+    return [name for name in stage_names(root) if name in needed and not all(
+        (root / out_root / out).exists() for out in stage_outputs(name, root) if not out.startswith(record))]
+
+
 def resume_dir(stage: str, out_root: str | Path = ".") -> Path:
     """The stage's resumable scratch state (outside its DVC outputs; removed when the stage completes)."""
     return Path(out_root) / "results" / stage / "resume"
 
 
 def run_stage(stage: str, profile: str | None = None, out_root: str = ".",
-              overrides: list[str] | None = None) -> Path:
-    """Execute the stage's notebook with its resolved, checked parameters; returns the executed copy's path."""
+              overrides: list[str] | None = None, require_upstream: bool = True) -> Path:
+    """Execute the stage's notebook with its resolved, checked parameters; returns the executed copy's path.
+    ``require_upstream=False`` skips the completion-record check (upstream outputs built in place)."""
     import papermill
 
     root = repo_root()
     notebook = notebook_for(stage, root)
     params = load_params(profile, root / PARAMS_FILE, overrides)
     check_stage(stage, params.get(stage, {}))
-    check_upstream(stage, out_root, root)
+    if require_upstream:
+        check_upstream(stage, out_root, root)
     parameters = {"profile": params["profile"], "out_root": out_root, "overrides": list(overrides or [])}
     target = executed_notebook(stage, out_root, root)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.unlink(missing_ok=True)  # no stale completion record while the stage's outputs are rewritten
     # text progress bars: papermill logs each cell's output as it comes (the terminal, DVC's output), and
     # the executed notebook keeps readable text instead of widget placeholders
-    os.environ.setdefault(PROGRESS_ENV, "text")
-    with atomic_path(target) as tmp:
-        executed = papermill.execute_notebook(str(notebook), str(tmp), parameters=parameters, cwd=str(root),
-                                              progress_bar=False, log_output=True)
-        nbformat.write(clean_notebook(executed), str(tmp))  # small, diffable, readable in JupyterLab
+    progress_mode = os.environ.get(PROGRESS_ENV)
+    os.environ[PROGRESS_ENV] = "text"
+    try:
+        with atomic_path(target) as tmp:
+            executed = papermill.execute_notebook(str(notebook), str(tmp), parameters=parameters, cwd=str(root),
+                                                  progress_bar=False, log_output=True)
+            nbformat.write(clean_notebook(executed), str(tmp))  # small, diffable, readable in JupyterLab
+    finally:  # a notebook that built its upstream through run_stage keeps its own progress bars
+        if progress_mode is None:
+            os.environ.pop(PROGRESS_ENV)
+        else:
+            os.environ[PROGRESS_ENV] = progress_mode
     shutil.rmtree(root / resume_dir(stage, out_root), ignore_errors=True)
     return target
 

@@ -12,7 +12,7 @@ import torch
 from matplotlib.patches import Rectangle
 
 from ..data import Split
-from .io import atomic_path
+from .io import atomic_path, write_text
 
 PRIOR_ORDER = ["Patch Grid", "grid", "uniform", "gaussian", "sobol", "isotropic", "center", "salient", "SPoT-ON"]
 METRIC_LABELS = {"acc1": "Acc@1 (%)", "knn": "kNN (%)"}
@@ -271,3 +271,35 @@ def accuracy_vs_flops(points: pd.DataFrame) -> sns.FacetGrid:
         ax.set_xticklabels([f"{t:g}" for t in ticks])
     grid.set_axis_labels("MFLOPs per image (forward)", "Acc@1 (%)")
     return grid
+
+
+# -- data for `dvc plots` ----------------------------------------------------------------------
+FLOPS_METHODS = ("Patch Grid", "SPoT (best prior)", "Token relevance")  # dvc.yaml names one file for each
+
+
+def dvc_plot_data(curves: pd.DataFrame, points: pd.DataFrame, out_dir: str | Path,
+                  replicates: Mapping[str, list[str]] | None = None) -> list[Path]:
+    """The accuracy curves as the flat files ``dvc plots show/diff`` draws (see the plots in dvc.yaml):
+
+    - ``acc1_vs_tokens.csv``: one row per budget, one Acc@1 column per method / prior of ``curves``
+      (columns backbone, prior, tokens, metric, value; ``prior`` already names the method), for the
+      first seed-replicate group's mean if there is one, else the first backbone (column ``backbone``);
+      an empty field where a method was not measured at that budget;
+    - ``flops_<method>.csv`` for each of :data:`FLOPS_METHODS`: backbone, tokens, mflops, acc1 from
+      ``points`` (as :func:`accuracy_vs_flops` takes them).
+    """
+    from .tables import file_stem
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shown = next(iter(replicates or {}), None) or curves.backbone.iloc[0]
+    acc = curves[(curves.metric == "acc1") & (curves.backbone == shown)]
+    wide = acc.pivot_table(index="tokens", columns="prior", values="value", aggfunc="first", sort=False)
+    paths = [out_dir / "acc1_vs_tokens.csv"]
+    write_text(paths[0], wide.round(2).reset_index().assign(backbone=shown).to_csv(index=False))
+    for method in FLOPS_METHODS:
+        path = out_dir / f"flops_{file_stem(method).lower()}.csv"
+        rows = points[points.method == method][["backbone", "tokens", "mflops", "acc1"]]
+        write_text(path, rows.round(3).to_csv(index=False))
+        paths.append(path)
+    return paths

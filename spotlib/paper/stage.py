@@ -45,7 +45,17 @@ class Stage:
         self.figures = self.out_root / "figures"
         self.device = default_device()
         print(f"profile {self.profile}: stage {name}, results under {self.results}")
+        self._build_missing_upstream(namespace.get("overrides"))
         print("parameters:", ", ".join(f"{key}={value!r}" for key, value in self.params.items()))
+
+    def _build_missing_upstream(self, overrides) -> None:
+        """A notebook opened on its own (JupyterLab, papermill, nbconvert) first runs the earlier stages
+        whose outputs are missing under ``out_root``, with the same profile, through the pipeline's runner."""
+        from .pipeline import missing_upstream, run_stage
+
+        for name in missing_upstream(self.name, self.out_root, self.root):
+            print(f"stage {name} has no outputs under {self.results}: running it first")
+            run_stage(name, self.profile, str(self.out_root), overrides, require_upstream=False)
 
     @property
     def out_dir(self) -> Path:

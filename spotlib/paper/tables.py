@@ -13,6 +13,7 @@ several times more than the tokens it keeps).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -120,6 +121,12 @@ def flat_csv(table: pd.DataFrame) -> str:
     flat = table.copy()
     flat.columns = ["n" if t == "n" else f"{t} T {METRIC_NAMES.get(m, m)}{names[f]}" for t, m, f in table.columns]
     return flat.reset_index().to_csv(index=False, float_format="%.2f")
+
+
+def file_stem(name: str) -> str:
+    """A backbone or replicate-group name as a file name: ``mean(A,B)`` -> ``mean_A_B``, ``CLS-IN21k`` -> ``CLS_IN21k``
+    (no shell metacharacters in the tables' file names)."""
+    return re.sub(r"[^0-9A-Za-z]+", "_", name).strip("_")
 
 
 def save_table(table: pd.DataFrame, stem: str | Path, caption: str = "") -> list[Path]:
