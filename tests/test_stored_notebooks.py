@@ -13,12 +13,15 @@ from pathlib import Path
 import nbformat
 import pytest
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+# the embedded run's executed copies, committed (dvc.yaml: cache: false) so the real run opens in JupyterLab
+EXECUTED = sorted((ROOT / "results" / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 MAX_BYTES = 300_000
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", NOTEBOOKS + EXECUTED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_stored_notebook_is_clean(path):
     assert path.stat().st_size < MAX_BYTES, f"{path.name}: {path.stat().st_size:,} bytes (limit {MAX_BYTES:,})"
     notebook = nbformat.read(path, as_version=4)
@@ -51,3 +54,24 @@ def test_compared_cells_hold_no_progress_text(path):
         if cell.cell_type == "code" and output_is_compared(cell):
             streams = {output.get("name") for output in cell.outputs}
             assert "stderr" not in streams, f"{path.name} cell {index}: stored stderr in a compared cell"
+
+
+def test_every_stage_has_its_executed_copy_committed():
+    """The executed embedded-profile notebooks are part of the repository, one per stored notebook."""
+    import yaml
+
+    assert [p.name for p in EXECUTED] == [p.name for p in NOTEBOOKS]
+    outs = [out for spec in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values()
+            for out in spec["outs"] if isinstance(out, dict) and next(iter(out)).startswith("results/notebooks/")]
+    assert len(outs) == len(NOTEBOOKS) and all(next(iter(o.values())) == {"cache": False} for o in outs)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_says_which_run_it_holds_and_ends_with_a_conclusion(path):
+    """A reader sees first which profile the stored outputs come from and where the real run is, and
+    last a conclusion computed by code (a code cell under the heading, not typed numbers)."""
+    cells = nbformat.read(path, as_version=4).cells
+    banner = next(c for c in cells if "banner" in c.metadata.get("tags", []))
+    assert "**smoke**" in banner.source and f"../results/notebooks/{path.name}" in banner.source
+    assert cells[-2].cell_type == "markdown" and cells[-2].source.startswith("## Conclusion (computed")
+    assert cells[-1].cell_type == "code" and "print(" in cells[-1].source
