@@ -313,7 +313,7 @@ def test_dvc_repro_smoke_end_to_end(tmp_path):
     executed = (work / "results" / "notebooks" / "01_backbones.ipynb").read_text()
     assert "grid: resuming after epoch" in executed
     assert not resume.exists(), "a completed stage removes its resumable state"
-    for table in ("results_A", "results_B", "transfer", "misalignment"):
+    for table in ("results_A", "results_B", "transfer", "misalignment", "placement_gap", "placement_transfer"):
         for suffix in (".csv", ".md", ".tex"):
             assert (work / "figures" / f"{table}{suffix}").stat().st_size > 0
     metrics = json.loads((work / "results" / "backbones" / "metrics.json").read_text())
@@ -371,6 +371,9 @@ def shrunk_stages(budgets: list[int], grid_tokens: int, prune_after: int) -> dic
                            "batch_size": 8, "throughput_batch": 4,
                            "train": {"batch_size": 6, "min_keep": 2, "max_keep": grid_tokens, "samples": 2,
                                      "train_size": None}},
+        "placement": {"budgets": budgets, "train_size": 8, "val_size": 4, "test_size": n_test, "bank_size": n_bank,
+                      "batch_size": 8, "throughput_batch": 4, "prior": {"epochs": 1, "batch_size": 4},
+                      "policy": {"epochs": 1, "batch_size": 4}},
         "figures": {"budgets": budgets},
     }
 

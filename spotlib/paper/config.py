@@ -44,6 +44,8 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
                "interdependence_size", "knn_k", "knn_temperature", "batch_size", "seed"),
     "sparsification": ("budgets", "prune_after", "hidden", "train", "test_size", "bank_size", "knn_k",
                        "knn_temperature", "batch_size", "throughput_batch"),
+    "placement": ("budgets", "init_prior", "train_size", "val_size", "losses", "prior", "policy", "policy_arch",
+                  "test_size", "bank_size", "knn_k", "knn_temperature", "batch_size", "throughput_batch", "seed"),
     "figures": ("budgets",),
 }
 
@@ -262,6 +264,30 @@ def _sparsifier_train(value) -> str | None:
     return None
 
 
+def _placement_train(value) -> str | None:
+    from .placement import PlacementConfig
+
+    if not isinstance(value, dict):
+        return "a mapping of PlacementConfig fields"
+    PlacementConfig.from_spec(value)  # raises with its own message
+    return None
+
+
+def _policy_arch(value) -> str | None:
+    keys = ("view_size", "width", "hidden")
+    if not isinstance(value, dict) or any(k not in keys for k in value):
+        return f"a mapping with some of: {', '.join(keys)}"
+    bad = [k for k, v in value.items() if _integer(v, 4 if k == "view_size" else 1) is not None]
+    return f"integers (view_size >= 4, the others >= 1); bad: {', '.join(bad)}" if bad else None
+
+
+def _losses(value) -> str | None:
+    from .placement import LOSSES
+
+    ok = isinstance(value, list) and value and all(v in LOSSES for v in value) and len(set(value)) == len(value)
+    return None if ok else f"a non-empty list of distinct losses from: {', '.join(LOSSES)}"
+
+
 # Checks by key name (any stage), then by (stage, key); each returns None or what the value must be.
 KEY_RULES: dict[str, Callable[[Any], str | None]] = {
     **{key: functools.partial(_integer, minimum=1, allow_none=True)
@@ -289,6 +315,13 @@ STAGE_RULES: dict[tuple[str, str], Callable[[Any], str | None]] = {
     ("saliency", "source"): _choice(_saliency_sources),
     ("backbones", "models"): _backbone_specs,
     ("sparsification", "train"): _sparsifier_train,
+    ("placement", "train_size"): functools.partial(_integer, minimum=1),
+    ("placement", "val_size"): functools.partial(_integer, minimum=1),
+    ("placement", "init_prior"): lambda v: _prior_names([v]),
+    ("placement", "losses"): _losses,
+    ("placement", "prior"): _placement_train,
+    ("placement", "policy"): _placement_train,
+    ("placement", "policy_arch"): _policy_arch,
 }
 
 

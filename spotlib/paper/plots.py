@@ -274,7 +274,8 @@ def accuracy_vs_flops(points: pd.DataFrame) -> sns.FacetGrid:
 
 
 # -- data for `dvc plots` ----------------------------------------------------------------------
-FLOPS_METHODS = ("Patch Grid", "SPoT (best prior)", "Token relevance")  # dvc.yaml names one file for each
+FLOPS_METHODS = ("Patch Grid", "SPoT (best prior)", "Token relevance", "SPoT, learned prior",  # dvc.yaml names
+                 "SPoT, learned policy")                                                 # one file for each
 
 
 def dvc_plot_data(curves: pd.DataFrame, points: pd.DataFrame, out_dir: str | Path,

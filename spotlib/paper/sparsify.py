@@ -743,13 +743,18 @@ def cost_points(costs: pd.DataFrame, relevance: pd.DataFrame, sweep: pd.DataFram
 def with_row_costs(tidy: pd.DataFrame, costs: pd.DataFrame, replicates: Mapping[str, Sequence[str]] | None = None
                    ) -> pd.DataFrame:
     """``tidy`` with ``mflops``: each row's forward FLOPs per image at its budget (the sparsifier's for
-    token relevance, SPoT's N-token forward for the grid ViT and SPoT rows; none for SPoT-ON, whose cost
-    is a search). A replicate group's rows take its first member's costs (one architecture)."""
+    token relevance; a row whose "<model>, <prior>" is a method of ``costs``, such as "SPoT, learned
+    policy", its own; SPoT's N-token forward for the other grid ViT and SPoT rows; none for SPoT-ON,
+    whose cost is a search). A replicate group's rows take its first member's costs (one architecture)."""
     alias = {label: members[0] for label, members in (replicates or {}).items()}
     flops = costs.set_index(["backbone", "method", "tokens"]).flops
 
     def cost(row) -> float:
+        backbone = alias.get(row.backbone, row.backbone)
+        own = (backbone, f"{row.model}, {row.prior}", row.tokens)
+        if own in flops.index:
+            return flops[own] / 1e6
         method = {"Token relevance": "Token relevance", "ViT": "SPoT", "SPoT": "SPoT"}.get(row.model)
-        key = (alias.get(row.backbone, row.backbone), method, row.tokens)
+        key = (backbone, method, row.tokens)
         return flops[key] / 1e6 if method and key in flops.index else float("nan")
     return tidy.assign(mflops=tidy.apply(cost, axis=1))
