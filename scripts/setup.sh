@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-time set-up on a fresh machine: the offline dataset (Debian) and a
+# One-time set-up on a fresh machine: the offline dataset and Chromium (Debian) and a
 # virtual environment with spotlib and every tool the pipeline and tests use,
 # at the exact versions in constraints.txt.
 set -euo pipefail
@@ -9,6 +9,13 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
   $sudo apt-get update -qq
   $sudo apt-get install -y -qq dataset-fashion-mnist
+fi
+
+# headless Chromium for the explorer's browser test (tests/test_explore_browser.py; playwright drives it)
+if ! command -v chromium >/dev/null 2>&1; then
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium
 fi
 
 python3 -m venv .venv
