@@ -105,8 +105,8 @@ def test_clicking_the_canvas_adds_a_token_and_changes_the_prediction(jupyterlab,
         page.locator(".jp-OutputArea-output").filter(has=page.locator(".spot-canvas")).first.screenshot(
             path=str(shots / "explorer.png"))
         box = canvas.bounding_box()
-        # a corner far from the isotropic lattice's windows: a click there adds a token
-        page.mouse.click(box["x"] + 0.97 * box["width"], box["y"] + 0.03 * box["height"])
+        # between the rows of the starting 6-token isotropic lattice (no window there): a click adds a token
+        page.mouse.click(box["x"] + 0.66 * box["width"], box["y"] + 0.5 * box["height"])
         page.wait_for_function("(old) => document.querySelector('.spot-predictions').innerText !== old", arg=before,
                                timeout=30_000)
         page.wait_for_function("(old) => document.querySelector('.spot-status').innerText !== old",
