@@ -1,4 +1,4 @@
-# make repro : set up (once) and run the whole pipeline: dvc repro (embedded profile, ~19 min on 2 cores)
+# make repro : set up (once) and run the whole pipeline: dvc repro (embedded profile, ~21 min on 2 cores)
 # make repro PROFILE=smoke : the same pipeline on another profile, as a DVC experiment in a temporary copy
 #              (dvc exp run --temp with profiles/<name>.yaml as -S overrides; the workspace's results stay as
 #              they are; see dvc exp show)

@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     write_text(out / "placement.md", "\n".join([
         f"# Placer learning rates on validation ({len(val):,} training images held out; fit on {len(fit):,}; "
         f"backbone {name}, {args.tokens} tokens, distillation loss)", "",
-        "Command: `python -m spotlib.paper.placement_recipe " + " ".join(argv) + "`", "",
+        "Command: `" + " ".join(["python -m spotlib.paper.placement_recipe", *argv]) + "`", "",
         "Rule: the highest mean validation top-1 over seeds " + ", ".join(map(str, args.seeds)) + ".", "",
-        summary.to_markdown(index=False, floatfmt=".2f"), "",
+        summary.assign(lr=summary.lr.map("lr {:g}".format)).to_markdown(index=False, floatfmt=".2f"), "",
         *[f"Chosen for the {r.kind}: **lr {r.lr:g}** ({r.mean:.2f} % mean)" for r in chosen.itertuples()], ""]))
     print((out / "placement.md").read_text())
     return 0
