@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import spotlib._explore_widget as explore_widget
+import spotlib.explore.widget as explore_widget
 from conftest import make_split, make_vit
 from spotlib import sample_positions, spot_on
 from spotlib.explore import EXPLORER_PRIORS, Explorer

@@ -11,7 +11,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "spotlib"
 CORE = sorted(PACKAGE.glob("*.py"))
-CORE_MAX_LINES = 1600  # the README's layout section gives the current count
+CORE_MAX_LINES = 1800  # the method and its learned placers (policy.py); the README's layout section gives the count
+TOOLS = sorted((PACKAGE / "explore").glob("*.py"))  # the explorer: on the core, not the paper layer either
 
 
 def paper_imports(path: Path) -> list[str]:
@@ -29,7 +30,7 @@ def paper_imports(path: Path) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("path", CORE, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CORE + TOOLS, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_core_imports_nothing_from_the_paper_layer(path):
     assert not paper_imports(path), f"{path.name} imports the paper layer: {paper_imports(path)}"
 

@@ -11,7 +11,7 @@ import anywidget
 import ipywidgets as widgets
 import traitlets
 
-from .explore import (EXPLORER_PRIORS, Explorer, data_url, image_array, prediction_html, sleep_frame, to_png,
+from . import (EXPLORER_PRIORS, Explorer, data_url, image_array, prediction_html, sleep_frame, to_png,
                       windows_strip)
 
 _ESM = """

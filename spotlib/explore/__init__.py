@@ -27,12 +27,12 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from .data import Split, for_model
-from .oracle import OracleResult, spot_on
-from .priors import PRIORS, USES_EXTERNAL_MODEL, sample_positions
-from .tokenizer import sample_windows, snap_to_grid
-from .utils import check_int
-from .vit import SPoTViT
+from ..data import Split, for_model
+from ..oracle import OracleResult, spot_on
+from ..priors import PRIORS, USES_EXTERNAL_MODEL, sample_positions
+from ..tokenizer import sample_windows, snap_to_grid
+from ..utils import check_int
+from ..vit import SPoTViT
 
 # priors that draw from the current image alone (the salient ones need a saliency map per image)
 EXPLORER_PRIORS = tuple(p for p in PRIORS if p not in USES_EXTERNAL_MODEL)
@@ -178,7 +178,7 @@ class Explorer:
 
     def widget(self, size: int = 280):
         """The explorer laid out for JupyterLab (needs ``anywidget`` and ``ipywidgets``); see the module docstring."""
-        from ._explore_widget import build_widget
+        from .widget import build_widget
 
         return build_widget(self, size)
 
