@@ -10,8 +10,8 @@ import torch
 
 from checkpoint_formats import mae_state_dict, published_state_dict
 from conftest import make_split
-from spotlib.paper.backbones import (VIT_SOURCES, build_model, create_grid_vit, fit_linear_probe, load_backbones,
-                                     prepare_backbone, replicate_groups)
+from spotlib.paper.backbones import (VIT_SOURCES, build_model, create_grid_vit, fit_linear_probe, is_frozen,
+                                     load_backbones, prepare_backbone, replicate_groups)
 from spotlib.paper.io import write_json
 from spotlib.paper.checkpoints import IMAGENET_MEAN, IMAGENET_STD, PublishedSPoT
 from spotlib.data import for_model
@@ -103,7 +103,7 @@ def test_pretrained_grid_with_published_spot(tmp_path, rgb_split):
     assert entry["grid"]["mean"] == [0.5] * 3 and entry["spot"]["mean"] == list(IMAGENET_MEAN)
     write_json(tmp_path / "models.json", {"CLS": entry})
     pair = load_backbones(tmp_path / "models.json")["CLS"]
-    assert isinstance(pair["grid"], SPoTViT) and isinstance(pair["spot"], PublishedSPoT)
+    assert isinstance(pair["grid"], SPoTViT) and isinstance(pair["spot"], PublishedSPoT) and not is_frozen(pair)
     assert pair["grid"].input_stats == ((0.5,) * 3, (0.5,) * 3)
     assert pair["spot"].input_stats == (IMAGENET_MEAN, IMAGENET_STD)
     # the grid model is the loaded timm model, fed with *its* normalisation, not the dataset's
@@ -126,6 +126,9 @@ def test_frozen_backbone_with_probe_and_no_spot(tmp_path):
     model = build_model(entry["grid"], tmp_path)
     acc = (outputs(model, split).argmax(1) == split.labels).float().mean().item()
     assert acc > 0.9
+    (tmp_path / "models.json").write_text(json.dumps({"F": entry}))
+    pair = load_backbones(tmp_path / "models.json")["F"]
+    assert is_frozen(pair), "one frozen model under both keys, so the stages evaluate it once"
 
 
 def test_probe_fits_separable_features(rgb_split):

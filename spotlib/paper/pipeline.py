@@ -29,11 +29,13 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Mapping
 
 import nbformat
 import yaml
+from traitlets.config import Config
 
 from ..utils import PROGRESS_ENV
 from .io import atomic_path
@@ -195,8 +197,11 @@ def run_stage(stage: str, profile: str | None = None, out_root: str = ".",
     os.environ[PROGRESS_ENV] = "text"
     try:
         with atomic_path(target) as tmp:
+            # the kernel talks over local IPC sockets, not TCP: nothing listens on a port, and ipykernel's
+            # "running over TCP without encryption" warning no longer opens every stage's log
             executed = papermill.execute_notebook(str(notebook), str(tmp), parameters=parameters, cwd=str(root),
-                                                  progress_bar=False, log_output=True)
+                                                  progress_bar=False, log_output=True,
+                                                  config=Config({"KernelManager": {"transport": "ipc"}}))
             nbformat.write(clean_notebook(executed), str(tmp))  # small, diffable, readable in JupyterLab
     finally:  # a notebook that built its upstream through run_stage keeps its own progress bars
         if progress_mode is None:
@@ -225,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     papermill_log = logging.getLogger("papermill")
     papermill_log.setLevel(logging.INFO)
-    papermill_log.addFilter(lambda record: not str(record.msg).startswith(("Executing", "Ending Cell", "Input Notebook",
-                                                                            "Output Notebook")))
+    papermill_log.addFilter(lambda record: not str(record.msg).startswith((
+        "Executing", "Ending Cell", "Input Notebook", "Output Notebook", "Working directory")))
     root = repo_root()
     stages = stage_names(root)
     try:
@@ -250,8 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
     for stage in selected:
-        print(f"stage {stage}: running {notebook_for(stage, root).name}", flush=True)
-        print(run_stage(stage, args.profile, args.out_root, args.overrides), flush=True)
+        started, place = time.monotonic(), f"{stages.index(stage) + 1}/{len(stages)}"  # its place in dvc.yaml
+        print(f"stage {place} {stage}: running {notebook_for(stage, root).name}", flush=True)
+        executed = run_stage(stage, args.profile, args.out_root, args.overrides)
+        print(f"stage {place} {stage}: done in {time.monotonic() - started:.0f} s -> {executed}", flush=True)
     return 0
 
 

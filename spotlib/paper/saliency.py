@@ -447,7 +447,7 @@ def compare_sources(maps: torch.Tensor, reference: torch.Tensor, images: torch.T
     metrics = {"pearson_model_vs_spectral": corr.nan_to_num().mean().item(), "source": name}
     if images.shape[1] == 1:
         on_object = {name: mass_on_object(maps, images), "spectral_residual": mass_on_object(reference, images)}
-        metrics |= {f"mass_on_object/{k}": v.mean().item() for k, v in on_object.items()}
+        metrics["mass_on_object"] = {k: v.mean().item() for k, v in on_object.items()}
         metrics["object_area_fraction"] = (images[:, 0] > 0).float().mean((1, 2)).mean().item()
     return metrics
 

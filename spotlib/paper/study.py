@@ -61,6 +61,36 @@ def with_brackets(frame: pd.DataFrame, value: str = "value", low: str = "ci_low"
     return frame.apply(lambda r: f"{r[value]:.{digits}f} [{r[low]:.{digits}f}, {r[high]:.{digits}f}]", axis=1)
 
 
+# the headline's method keys, short enough for `dvc exp show` to fit a 120-column terminal
+HEADLINE_METHODS = {"grid": "Patch Grid", "prior": "SPoT, its best fixed prior", "learned": "SPoT, learned prior",
+                    "policy": "SPoT, learned policy", "relevance": "token relevance", "spot_on": "SPoT-ON (oracle)"}
+
+
+def headline(rows: pd.DataFrame, backbone: str) -> dict:
+    """The study at a glance, for one backbone (or replicate mean) at the sparsest budget: Acc@1 of each
+    method of :data:`HEADLINE_METHODS` that has a row, with its 95 % interval and test-image count. The
+    best fixed prior is taken among SPoT's rows without the oracle flag (no saliency model, no true
+    object) and without the learned placers. ``rows``: the tidy rows of every method (the figures
+    stage's ``full``: sweep, sparsifier, learned placers and :func:`spot_on_rows`).
+
+    Returns ``{"backbone", "tokens", "prior_name", "acc1": {method: value}, "acc1_ci": {method: [low,
+    high]}, "n": {method: n}}``: the figures stage's metrics file for ``dvc metrics show`` / ``dvc exp show``."""
+    mine = acc1(rows[rows.backbone == backbone])
+    n = int(mine.tokens.min())
+    at = mine[mine.tokens == n]
+    spot = at[at.model == "SPoT"]
+    fixed = spot[~spot.prior.isin(["learned prior", "learned policy"]) & ~spot.oracle.astype(bool)]  # placement.KINDS
+    fixed = fixed.sort_values("value", ascending=False)
+    picked = {"grid": at[at.model == "ViT"], "prior": fixed.head(1), "learned": spot[spot.prior == "learned prior"],
+              "policy": spot[spot.prior == "learned policy"], "relevance": at[at.model == "Token relevance"],
+              "spot_on": at[at.model == "SPoT-ON"]}
+    picked = {method: row.iloc[0] for method, row in picked.items() if len(row)}
+    return {"backbone": backbone, "tokens": n, "prior_name": fixed.prior.iloc[0] if len(fixed) else None,
+            "acc1": {m: round(float(r.value), 2) for m, r in picked.items()},
+            "acc1_ci": {m: [round(float(r.ci_low), 2), round(float(r.ci_high), 2)] for m, r in picked.items()},
+            "n": {m: int(r.n) for m, r in picked.items()}}
+
+
 # -- seed replicates -------------------------------------------------------------------------------
 def with_replicate_means(tidy: pd.DataFrame, per_image: PerImage, groups: Mapping[str, Sequence[str]]) -> pd.DataFrame:
     """``tidy`` with a row per replicate group and (model, prior, tokens, metric) scored by every member:
@@ -141,7 +171,8 @@ def grid_design_effects(tidy: pd.DataFrame, per_image: PerImage) -> pd.DataFrame
 def prior_ranking(tidy: pd.DataFrame, per_image: PerImage, alpha: float = 0.05) -> tuple[dict, list[str]]:
     """Per backbone, budget and metric: the best SPoT prior without the oracle flag, its paired
     difference from the runner-up (with interval and p-value: a ranking only if p < ``alpha``, else
-    a tie), the Patch Grid and the saliency rows. Returns (metrics, one printable line per entry)."""
+    a tie), the Patch Grid and the saliency rows. Returns (metrics ``{backbone: {tokens: {metric: entry}}}``,
+    one printable line per entry)."""
     value = tidy.set_index(["backbone", "model", "prior", "tokens", "metric"])["value"]
     plain = tidy[(tidy.model == "SPoT") & ~tidy.oracle.astype(bool)]
     metrics, lines = {}, []
@@ -156,7 +187,7 @@ def prior_ranking(tidy: pd.DataFrame, per_image: PerImage, alpha: float = 0.05) 
                  "patch_grid": value.get((name, "ViT", "grid", n, metric))}
         for prior in sorted(set(tidy[tidy.oracle.astype(bool) & (tidy.model == "SPoT")].prior)):
             entry[prior] = value.get((name, "SPoT", prior, n, metric))
-        metrics[f"{name}/{n}/{metric}"] = entry
+        metrics.setdefault(name, {}).setdefault(str(n), {})[metric] = entry
         verdict = "ahead of" if entry["significant"] else "tied with"
         lines.append(f"{name} {n:>2} tokens {metric:>4}: {best.prior} {best.value:.1f} [{best.ci_low:.1f}, "
                      f"{best.ci_high:.1f}] {verdict} {second.prior} ({gap['diff']:+.1f} pts, p = {gap['p_value']:.3g})")

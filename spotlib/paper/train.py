@@ -229,16 +229,20 @@ def fit(module: torch.nn.Module, config, num_images: int, step: Callable[[torch.
         order = torch.randperm(num_images, generator=gen)
         module.train()
         sums, t0 = {}, time.perf_counter()
-        bar = progress(range(steps_per_epoch), desc=f"{desc} epoch {epoch + 1}/{config.epochs}", leave=False,
+        # counted in images (every process's), so its rate reads as images/s
+        bar = progress(total=num_images, desc=f"{desc} epoch {epoch + 1}/{config.epochs}", leave=False, unit="img",
                        disable=rank != 0)
-        for index in bar:
-            loss, stats = step(order[index * global_batch : (index + 1) * global_batch], gen, epoch)
+        for index in range(steps_per_epoch):
+            batch = order[index * global_batch : (index + 1) * global_batch]
+            loss, stats = step(batch, gen, epoch)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             schedule.step()
             sums = {key: sums.get(key, 0) + value for key, value in stats.items()}
             bar.set_postfix({k: f"{v / max(sums['seen'], 1):.4g}" for k, v in sums.items() if k != "seen"}, refresh=False)
+            bar.update(len(batch))
+        bar.close()
         seconds = time.perf_counter() - t0
         if world > 1:  # statistics over every process's images
             totals = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
